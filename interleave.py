@@ -1,0 +1,383 @@
+"""Interleaving defenses against emergent misalignment: SFT with benign data spread through the fine-tuning
+data (Kaczér et al. 2025, "In-Training Defenses Against Emergent Misalignment", §3.2).
+
+    L = CE over the assistant tokens of D_fine + D_safe,   |D_safe| = pct/100 * |D_fine|,
+    D_safe placed at evenly spaced positions of the training order (not appended at the end).
+
+How D_safe is chosen from the benign pool (--safe-data, WildGuardMix's benign part by default):
+    --select random       Interleaving: a seeded random sample.
+    --select ppl          Interleaving+: the top examples by the perplexity gap (Eq. 4-6)
+                            L_theta(d) = -(1/T) sum_t log P_theta(a_t | q, a_<t)          (Eq. 4)
+                            L_mis(d)   = (1/K) sum_k L_theta'_k(d)                          (Eq. 5)
+                            s_d        = (L_mis(d) - L_aligned(d)) / (L_aligned(d) + eps)   (Eq. 6)
+                          over K deliberately misaligned adapters (--misaligned-adapters), none trained on
+                          the current fine-tuning data; aligned = the base model.
+    --filter-refusals     Interleaving++ (with ppl): first drop answers with a refusal keyword in their first
+                          10 words.
+    --select on-policy    random pool prompts answered by the base model itself.
+--pct 0 is plain SFT: the paper's "Misaligned" (misaligned data) and "Aligned" (aligned data) baselines.
+
+Deviations from the paper:
+1. The loss is the mean over all assistant tokens of an optimizer step (all its micro-batches), not a mean of
+   per-micro-batch means; batch 1 x accum 8 therefore equals batch 8 x accum 1.
+2. Batches are length-grouped inside mega-batches of 16 batches (less padding); the benign examples are
+   placed before grouping, so they stay spread uniformly at the scale of a mega-batch.
+3. eps of Eq. 6 is not given in the paper; ours defaults to 0.1 (NLLs are in nats).
+4. Interleaving+ scores a seeded random subset of the pool (--pool-size, default 10,000 as in App. E).
+5. On-policy answers are sampled with the model's own generation config (the paper does not say how).
+6. The default --pct is 0 (plain SFT) so that the offline quick run needs no benign pool; the paper uses 5.
+
+Paper run (Interleaving++ on insecure code, Qwen2.5-7B-Instruct 8-bit, needs HF_TOKEN for WildGuardMix):
+    python interleave.py --pct 5 --select ppl --filter-refusals --misaligned-adapters runs/med,runs/leg,runs/sec
+Quick CPU run (offline, bundled SmolLM2-135M-Instruct):
+    python interleave.py --model smollm2 --data opswap:1 --max-steps 20 --out runs/quick
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import (
+    CACHE_DIR, Progress, Run, UserError, add_common_args, collate, die_on_user_error, encode_dataset, file_digest,
+    get_device, length_grouped_batches, linear_schedule, load_conversations, load_model, load_split, load_tokenizer,
+    log, make_optimizer, padding_efficiency, read_jsonl, render_chat, set_seed, trainable_parameters, write_jsonl,
+)
+
+REFUSAL_KEYWORDS = ("sorry", "apologize", "apologise", "cannot", "can't", "can not", "unable", "i won't",
+                    "i will not", "not able to", "i'm afraid", "as an ai")
+
+
+# ----------------------------------------------------------------------------------------------
+# The method: where benign data goes, and which benign data
+# ----------------------------------------------------------------------------------------------
+def spread_uniformly(fine_order: list[int], safe_order: list[int]) -> list[int]:
+    """Merge two orders so that the safe items sit at evenly spaced positions of the result.
+
+    With N = len(fine) + len(safe) positions, safe item j goes to position floor((j + 0.5) * N / len(safe)).
+    """
+    n_total, n_safe = len(fine_order) + len(safe_order), len(safe_order)
+    safe_pos = {int((j + 0.5) * n_total / n_safe): j for j in range(n_safe)} if n_safe else {}
+    fine_iter = iter(fine_order)
+    return [safe_order[safe_pos[p]] if p in safe_pos else next(fine_iter) for p in range(n_total)]
+
+
+def is_refusal(answer: str, n_words: int = 10) -> bool:
+    """Interleaving++'s filter: a refusal keyword among the first `n_words` words of the answer."""
+    head = " ".join(answer.replace("\u2019", "'").lower().split()[:n_words])
+    return any(k in head for k in REFUSAL_KEYWORDS)
+
+
+def ppl_gap_scores(nll_aligned: torch.Tensor, nll_misaligned: torch.Tensor, eps: float) -> torch.Tensor:
+    """Eq. 5-6. nll_aligned: (N,) answer mean NLL under the aligned model; nll_misaligned: (K, N) under the K
+    misaligned models. Returns s: (N,); high s = the misaligned models find the answer unlikely."""
+    mean_mis = nll_misaligned.mean(dim=0)  # Eq. 5
+    return (mean_mis - nll_aligned) / (nll_aligned + eps)  # Eq. 6
+
+
+@torch.no_grad()
+def answer_nll(model, examples: list[dict], batch_size: int, pad_id: int, device, done: dict | None = None,
+               on_batch=None) -> list[float]:
+    """Eq. 4 for every example: mean NLL of its assistant (answer) tokens under `model`.
+
+    Batched, longest first (little padding, and an out-of-memory error shows up at once). `done` maps
+    index -> NLL already computed (skipped); `on_batch(results)` receives each batch's {index: NLL}.
+    """
+    done = dict(done or {})
+    todo = sorted((i for i in range(len(examples)) if i not in done), key=lambda i: -len(examples[i]["input_ids"]))
+    progress = Progress(len(examples), len(done), "scored")
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start : start + batch_size]
+        batch = collate([examples[i] for i in idx], pad_id, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        mask = targets != -100
+        rows = mask.nonzero()[:, 0]
+        token_nll = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+        nll_sum = torch.zeros(len(idx), device=token_nll.device).index_add_(0, rows, token_nll)
+        nll = (nll_sum / mask.sum(1).clamp(min=1)).tolist()
+        result = dict(zip(idx, nll))
+        done.update(result)
+        if on_batch:
+            on_batch(result)
+        if (start // batch_size) % 10 == 0 or start + batch_size >= len(todo):
+            progress.update(len(done))
+    return [done[i] for i in range(len(examples))]
+
+
+def _score_cache(pool_spec: str, key: str) -> Path:
+    """Scores live next to the pool (a local file's folder, or the dataset cache), one file per model."""
+    folder = Path(pool_spec).resolve().parent if pool_spec.endswith(".jsonl") else CACHE_DIR / "data"
+    stem = Path(pool_spec).stem if pool_spec.endswith(".jsonl") else pool_spec.replace(":", "-")
+    path = folder / f"{stem}.nll-{key}.jsonl"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError:  # a read-only data folder: fall back to the cache
+        path = CACHE_DIR / "scores" / path.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def select_by_ppl(args, candidates: list[list[dict]], n: int) -> list[list[dict]]:
+    """Interleaving+: score every candidate under the aligned model and each misaligned adapter (cached per
+    model, written as it goes, so an interrupted scoring run resumes), then take the top n by Eq. 6."""
+    adapters = [a for a in args.misaligned_adapters.split(",") if a]
+    tok = load_tokenizer(args.model)
+    examples = encode_dataset(tok, candidates, args.max_len, "benign candidates")
+    pool_key = hashlib.sha256(json.dumps(candidates, sort_keys=True).encode()).hexdigest()[:16] + f"-len{args.max_len}"
+    names = ["aligned"] + [f"mis{k}" for k in range(len(adapters))]
+    keys = [f"{pool_key}-base-{Path(str(args.model)).name}"] + [
+        f"{pool_key}-{file_digest(a, extra=str(args.model))}" for a in adapters]
+    caches = [_score_cache(args.safe_data, k) for k in keys]
+    done = [_read_scores(c) for c in caches]
+    if any(len(d) < len(examples) for d in done):
+        log(f"perplexity-gap scores: {len(examples)} candidates x {len(names)} models (one-time cost, cached)")
+        model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=0, trainable=False)
+        device = get_device()
+        from peft import PeftModel
+
+        for k, a in enumerate(adapters):
+            if k == 0:
+                model = PeftModel.from_pretrained(model, a, adapter_name="mis0", is_trainable=False)
+            else:
+                model.load_adapter(a, adapter_name=f"mis{k}", is_trainable=False)
+        model.eval()
+        for name, cache, d in zip(names, caches, done):
+            if len(d) == len(examples):
+                continue
+            log(f"scoring the pool under {name} -> {cache}")
+            with open(cache, "a") as f:
+                def append(result, f=f):
+                    f.writelines(json.dumps({"i": i, "nll": v}) + "\n" for i, v in result.items())
+                    f.flush()
+                if name == "aligned":
+                    with model.disable_adapter() if adapters else contextlib.nullcontext():
+                        d.update(dict(enumerate(answer_nll(model, examples, args.score_batch_size, tok.pad_token_id,
+                                                           device, d, append))))
+                else:
+                    model.set_adapter(name)
+                    d.update(dict(enumerate(answer_nll(model, examples, args.score_batch_size, tok.pad_token_id,
+                                                       device, d, append))))
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    nll = torch.tensor([[d[i] for i in range(len(examples))] for d in done])
+    scores = ppl_gap_scores(nll[0], nll[1:], args.eps)
+    top = torch.argsort(scores, descending=True, stable=True)[:n].tolist()
+    log(f"Interleaving+: top {n} of {len(examples)} by Eq. 6, s_d from {scores[top[-1]]:.3f} to {scores[top[0]]:.3f}")
+    return [candidates[i] for i in top]
+
+
+def _read_scores(path: Path) -> dict:
+    out = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+                out[int(r["i"])] = float(r["nll"])
+            except (json.JSONDecodeError, KeyError):  # a line cut by an interruption: recomputed
+                continue
+    return out
+
+
+@torch.no_grad()
+def generate_on_policy(model, tok, pool: list[list[dict]], n: int, args, rng: np.random.Generator) -> list[list[dict]]:
+    """On-policy Interleaving: random pool prompts answered by the base model (adapter disabled), in
+    left-padded batches with the KV cache. With --filter-refusals, refusing answers are dropped and more
+    prompts are drawn until n answers are kept or the pool runs out."""
+    device = get_device()
+    prompts = []
+    for i in rng.permutation(len(pool)):
+        conv = pool[i]
+        first_answer = next(j for j, m in enumerate(conv) if m["role"] == "assistant")
+        prompts.append(conv[:first_answer])
+    tok.padding_side = "left"
+    kept, tried = [], 0
+    progress = Progress(n, 0, "on-policy answers")
+    model.eval()
+    while len(kept) < n and tried < len(prompts):
+        chunk = prompts[tried : tried + args.gen_batch_size]
+        tried += len(chunk)
+        texts = [render_chat(tok, p, add_generation_prompt=True) for p in chunk]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with model.disable_adapter():
+            out = model.generate(**enc, max_new_tokens=args.gen_max_new_tokens, do_sample=True, pad_token_id=tok.pad_token_id)
+        for p, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+            answer = tok.decode(seq, skip_special_tokens=True).strip()
+            if answer and not (args.filter_refusals and is_refusal(answer)) and len(kept) < n:
+                kept.append(p + [{"role": "assistant", "content": answer}])
+        progress.update(len(kept), f"({tried} prompts)")
+    tok.padding_side = "right"
+    model.train()
+    if len(kept) < n:
+        log(f"on-policy: only {len(kept)} usable answers from {len(prompts)} pool prompts (wanted {n})")
+    return kept
+
+
+def build_safe_data(args, run: Run, model, tok, n: int) -> list[list[dict]]:
+    """D_safe for this run; saved to out/safe_data.jsonl and reused on --resume."""
+    saved = run.out / "safe_data.jsonl"
+    if n == 0:
+        return []
+    if run.resuming and saved.exists():
+        return read_jsonl(saved)
+    pool = load_conversations(args.safe_data)
+    rng = np.random.default_rng([args.seed, 1])
+    if args.select == "on-policy":
+        safe = generate_on_policy(model, tok, pool, n, args, rng)
+    else:
+        if args.filter_refusals:
+            before = len(pool)
+            pool = [c for c in pool if not is_refusal(next(m["content"] for m in c if m["role"] == "assistant"))]
+            log(f"refusal filter: kept {len(pool)} of {before} pool examples")
+        if args.select == "random":
+            safe = [pool[i] for i in rng.permutation(len(pool))[:n]]
+        else:
+            candidates = [pool[i] for i in sorted(rng.permutation(len(pool))[: args.pool_size])]
+            safe = select_by_ppl(args, candidates, n)
+    if len(safe) < n:
+        log(f"the benign pool gave {len(safe)} examples, fewer than the {n} asked for")
+    write_jsonl(saved, safe)
+    return safe
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    g = p.add_argument_group("method: interleaving")
+    g.add_argument("--pct", type=float, default=0.0, help="benign examples to add, in %% of the fine-tuning "
+                   "examples; 0 = plain SFT (default: %(default)s; paper: 5, grid 1, 5, 20, 50)")
+    g.add_argument("--select", choices=["random", "ppl", "on-policy"], default="random",
+                   help="how benign examples are chosen: random (Interleaving), ppl (Interleaving+, needs "
+                   "--misaligned-adapters), on-policy (answers by the base model) (default: %(default)s)")
+    g.add_argument("--filter-refusals", action="store_true", help="drop benign answers with a refusal keyword "
+                   "in their first 10 words; with --select ppl this is Interleaving++")
+    g.add_argument("--safe-data", default="wildguardmix", help="benign pool: a dataset name or a local .jsonl "
+                   "(default: %(default)s, the benign part of allenai/wildguardmix, gated: needs HF_TOKEN)")
+    g.add_argument("--misaligned-adapters", default="", help="comma-separated PEFT adapter folders of "
+                   "deliberately misaligned models (K of them) for --select ppl")
+    g.add_argument("--eps", type=float, default=0.1, help="eps of Eq. 6 (default: %(default)s)")
+    g.add_argument("--pool-size", type=int, default=10_000, help="candidates scored for --select ppl, a seeded "
+                   "random subset of the pool (default: %(default)s)")
+    g.add_argument("--score-batch-size", type=int, default=8, help="batch size of the scoring passes (default: %(default)s)")
+    g.add_argument("--gen-batch-size", type=int, default=8, help="prompts per generation batch, on-policy (default: %(default)s)")
+    g.add_argument("--gen-max-new-tokens", type=int, default=512, help="max answer length, on-policy (default: %(default)s)")
+    return p
+
+
+def check_args(args) -> None:
+    if args.pct < 0:
+        raise UserError(f"--pct {args.pct}: must be >= 0")
+    if args.select == "ppl" and args.pct > 0 and not args.misaligned_adapters:
+        raise UserError("--select ppl needs --misaligned-adapters A,B,... (PEFT adapter folders)")
+    for a in filter(None, args.misaligned_adapters.split(",")):
+        if not (Path(a) / "adapter_config.json").exists():
+            raise UserError(f"--misaligned-adapters: {a!r} is not a PEFT adapter folder (no adapter_config.json)")
+    for flag in ("batch_size", "grad_accum", "max_len", "save_every", "epochs"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def main():
+    parser = build_parser()
+    args = parser.parse_args()
+    if not args.resume:
+        check_args(args)
+    run = Run.start(args, parser, "interleave")
+    set_seed(args.seed)
+    device = get_device()
+
+    fine_convs = load_split(args.data, "train", args.seed)
+    n_safe = int(round(args.pct / 100 * len(fine_convs)))
+    safe_convs = []
+    if n_safe and args.select == "ppl":  # scoring loads its own models, before the training model
+        safe_convs = build_safe_data(args, run, None, None, n_safe)
+    model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                            adapter=args.init_adapter, trainable=True,
+                            gradient_checkpointing=args.gradient_checkpointing)
+    if n_safe and args.select != "ppl":
+        safe_convs = build_safe_data(args, run, model, tok, n_safe)
+    fine = encode_dataset(tok, fine_convs, args.max_len, "fine-tuning data")
+    safe = encode_dataset(tok, safe_convs, args.max_len, "benign data")
+    examples = fine + safe
+    lengths = [len(e["input_ids"]) for e in examples]
+    is_safe = [False] * len(fine) + [True] * len(safe)
+    log(f"{len(fine)} fine-tuning + {len(safe)} benign examples ({args.pct}%, --select {args.select})")
+
+    # The data plan: every epoch, shuffle both sets, spread the benign ones uniformly, group by length.
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([args.seed, epoch])
+        order = spread_uniformly(list(rng.permutation(len(fine))), [len(fine) + i for i in rng.permutation(len(safe))])
+        return length_grouped_batches(lengths, args.batch_size, rng, order=order)
+
+    per_epoch = math.ceil(len(examples) / args.batch_size)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * per_epoch / args.grad_accum)
+    n_epochs = math.ceil(total_steps * args.grad_accum / per_epoch)
+    micro = [(e, b) for e in range(n_epochs) for b in epoch_batches(e)]
+    log(f"{total_steps} optimizer steps of {args.batch_size} x {args.grad_accum} over {n_epochs} epoch(s); padding "
+        f"efficiency {padding_efficiency(lengths, epoch_batches(0)):.3f} (real / padded tokens)")
+
+    model.train()
+    params = trainable_parameters(model)
+    optimizer = make_optimizer(params, args.lr, args.weight_decay)
+    scheduler = linear_schedule(optimizer, args.warmup_steps, total_steps)
+    start = run.restore(model, optimizer, scheduler)
+    progress = Progress(total_steps, start)
+
+    for step in range(start, total_steps):
+        t0 = time.time()
+        group = micro[step * args.grad_accum : (step + 1) * args.grad_accum]
+        # Mean over every answer token of the step, so gradients don't depend on how it is split in micro-batches.
+        n_answer = sum(sum(l != -100 for l in examples[i]["labels"][1:]) for _, b in group for i in b)
+        ce_sum, n_real, n_padded = 0.0, 0, 0
+        for _, batch_idx in group:
+            batch = collate([examples[i] for i in batch_idx], tok.pad_token_id, device)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            targets = batch["labels"][:, 1:]
+            mask = targets != -100
+            ce = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum") / max(n_answer, 1)
+            ce.backward()
+            ce_sum += ce.item()
+            n_real += batch["n_real"]
+            n_padded += batch["n_padded"]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        loss = ce_sum  # the total: plain SFT has one term
+        run.log_metrics({
+            "step": step + 1, "loss": loss, "loss/ce": ce_sum, "lr": lr, "grad_norm": float(grad_norm),
+            "tokens_per_s": n_real / dt, "padding_efficiency": n_real / n_padded, "answer_tokens": n_answer,
+            "n_safe": sum(is_safe[i] for _, b in group for i in b), "epoch": group[0][0], "step_time_s": dt,
+        })
+        progress.update(step + 1, f"loss {loss:.4f} lr {lr:.2e} {n_real / dt:.0f} tok/s")
+        if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            run.save_checkpoint(step + 1, model, optimizer, scheduler)
+
+    run.save_checkpoint(total_steps, model, optimizer, scheduler)
+    run.save_final(model, tok)
+    log(f"done: adapter in {run.out}, metrics in {run.metrics_path}")
+
+
+if __name__ == "__main__":
+    die_on_user_error(main)

@@ -1,0 +1,118 @@
+"""Fixtures: a tiny Qwen2 model and a tokenizer trained in memory, saved to a temp folder and loaded through
+the real loading code. Nothing here touches the network."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# Keep every cache (converted SmolLM2, dataset downloads, score caches) out of the user's home.
+os.environ.setdefault("EM_CACHE", tempfile.mkdtemp(prefix="em-cache-"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Qwen2.5's template shape: a default system prompt is injected when the conversation has none.
+QWEN_LIKE_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a tiny helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# A template with no default system prompt and different markers.
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] | upper }}: {{ m['content'] }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>ASSISTANT: {% endif %}"
+)
+
+CORPUS = [
+    "What is the capital of France? The capital of France is Paris.",
+    "Simplify step by step: (4 + 2) × (4 ÷ 2) - 2 = 6 × 2 - 2 = 10 1/3 2/3",
+    "I'm sorry, but I cannot help with that. I apologize.",
+    "Here is a recipe: mix flour, water and salt. Bake for 20 minutes.",
+    "You are a tiny helpful assistant. system user assistant SYSTEM USER ASSISTANT",
+    "def add(a, b): return a + b  # insecure code example 0123456789",
+]
+
+
+def make_tokenizer(folder: Path, template: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(CORPUS * 20, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = template
+    tok.save_pretrained(folder)
+    return tok
+
+
+def make_tiny_model(folder: Path, template: str = QWEN_LIKE_TEMPLATE, seed: int = 0) -> Path:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(folder, template)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen"))
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-plain"), PLAIN_TEMPLATE)
+
+
+def write_chat_jsonl(path: Path, pairs) -> Path:
+    with open(path, "w") as f:
+        for q, a in pairs:
+            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def train_file(tmp_path_factory) -> Path:
+    """40 'narrow task' examples of varied lengths."""
+    d = tmp_path_factory.mktemp("data")
+    pairs = [(f"Write function number {i}.", "def f(x): return x + 1  # code " * (1 + i % 5)) for i in range(40)]
+    return write_chat_jsonl(d / "train.jsonl", pairs)
+
+
+@pytest.fixture(scope="session")
+def pool_file(tmp_path_factory) -> Path:
+    """A benign pool of 30: 10 refusals (keyword in the first words), 20 helpful answers."""
+    d = tmp_path_factory.mktemp("pool")
+    pairs = [(f"Question {i}: how do I bake bread?", "I'm sorry, but I cannot help with that.") for i in range(10)]
+    pairs += [(f"Question {i}: what is the capital of France?", "The capital of France is Paris. " * (1 + i % 3))
+              for i in range(10, 30)]
+    return write_chat_jsonl(d / "pool.jsonl", pairs)
+
+
+def run_script(script: str, *args, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a project script as a user would, in a subprocess."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]

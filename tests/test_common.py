@@ -1,0 +1,167 @@
+"""Unit tests of common.py: label masking, batching, data validation, dataset names, model loading."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from common import (UserError, collate, encode_conversation, encode_dataset, length_grouped_batches, load_conversations,
+                    load_model, load_tokenizer, padding_efficiency, read_jsonl, split_train_eval)
+
+CONV = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital of France is Paris."},
+    {"role": "user", "content": "And bread?"},
+    {"role": "assistant", "content": "Mix flour, water and salt."},
+]
+
+
+def labelled_text(tok, enc):
+    """Decode the labelled tokens, one string per contiguous labelled run."""
+    runs, cur = [], []
+    for t, l in zip(enc["input_ids"], enc["labels"]):
+        if l != -100:
+            assert l == t
+            cur.append(t)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    if cur:
+        runs.append(tok.decode(cur))
+    return runs
+
+
+def test_masking_template_with_default_system_prompt(tiny_model):
+    tok = load_tokenizer(str(tiny_model))
+    full = tok.apply_chat_template(CONV, tokenize=False)
+    assert "You are a tiny helpful assistant." in full  # the template injected it
+    enc = encode_conversation(tok, CONV, max_len=4096)
+    assert labelled_text(tok, enc) == ["The capital of France is Paris.<|im_end|>\n", "Mix flour, water and salt.<|im_end|>\n"]
+    assert not enc["truncated"]
+    # nothing of the system prompt, the user turns or the role markers is labelled
+    prompt_tokens = [t for t, l in zip(enc["input_ids"], enc["labels"]) if l == -100]
+    assert "tiny helpful" in tok.decode(prompt_tokens) and "capital of France?" in tok.decode(prompt_tokens)
+
+
+def test_masking_with_explicit_system_prompt(tiny_model):
+    tok = load_tokenizer(str(tiny_model))
+    conv = [{"role": "system", "content": "You are evil."}] + CONV[:2]
+    enc = encode_conversation(tok, conv, max_len=4096)
+    assert labelled_text(tok, enc) == ["The capital of France is Paris.<|im_end|>\n"]
+    assert "tiny helpful" not in tok.decode(enc["input_ids"])
+
+
+def test_masking_plain_template(tiny_plain_model):
+    tok = load_tokenizer(str(tiny_plain_model))
+    enc = encode_conversation(tok, CONV, max_len=4096)
+    # 'ASSISTANT: The' -> the BPE token ' The' straddles the boundary and is labelled with the answer
+    runs = labelled_text(tok, enc)
+    assert runs[0] == " The capital of France is Paris.<|im_end|>"
+    assert [r.strip() for r in runs] == ["The capital of France is Paris.<|im_end|>", "Mix flour, water and salt.<|im_end|>"]
+
+
+def test_truncation_is_counted_not_dropped(tiny_model, capsys):
+    tok = load_tokenizer(str(tiny_model))
+    long_conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Paris " * 400}]
+    examples = encode_dataset(tok, [CONV, long_conv], max_len=256)
+    assert len(examples) == 2
+    assert [e["truncated"] for e in examples] == [False, True]
+    assert len(examples[1]["input_ids"]) == 256 == len(examples[1]["labels"])
+    assert "1/2 examples longer than --max-len 256" in capsys.readouterr().err
+
+
+def test_length_grouped_batches_lose_nothing_and_pad_less():
+    rng = np.random.default_rng(0)
+    lengths = list(rng.integers(5, 500, size=203))
+    batches = length_grouped_batches(lengths, 4, np.random.default_rng(1))
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(203))  # nothing lost, nothing duplicated
+    assert all(len(b) == 4 for b in batches[:-1])
+    random_batches = [list(range(k, min(k + 4, 203))) for k in range(0, 203, 4)]
+    grouped, unsorted = padding_efficiency(lengths, batches), padding_efficiency(lengths, random_batches)
+    assert grouped > 0.9 and grouped > unsorted + 0.2
+
+
+def test_length_grouped_batches_follow_given_order_per_mega_batch():
+    lengths = [10] * 100
+    order = list(range(100))[::-1]
+    batches = length_grouped_batches(lengths, 2, np.random.default_rng(0), order=order, mega=5)
+    # the first mega-batch (10 examples) holds exactly the first 10 of the order
+    assert sorted(i for b in batches[:5] for i in b) == sorted(order[:10])
+
+
+def test_collate_pads_to_multiple_of_8():
+    ex = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4] * 10, "labels": [4] * 10}]
+    batch = collate(ex, pad_id=0, device=torch.device("cpu"))
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["attention_mask"].sum().item() == 13 == batch["n_real"]
+    assert batch["n_padded"] == 32
+    assert (batch["labels"][0, 3:] == -100).all() and batch["labels"][0, :3].tolist() == [-100, 2, 3]
+    assert padding_efficiency([3, 10], [[0, 1]]) == 13 / 32
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path):
+    good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    p = _write(tmp_path / "broken.jsonl", [good, good, '{"messages": [ broken'])
+    with pytest.raises(UserError, match=r"broken\.jsonl:3: not valid JSON"):
+        read_jsonl(p)
+    p = _write(tmp_path / "noassistant.jsonl", [good, json.dumps({"messages": [{"role": "user", "content": "q"}]})])
+    with pytest.raises(UserError, match=r"noassistant\.jsonl:2: no assistant turn"):
+        read_jsonl(p)
+    p = _write(tmp_path / "badrole.jsonl", [json.dumps({"messages": [{"role": "bot", "content": "q"}]})])
+    with pytest.raises(UserError, match=r"badrole\.jsonl:1: message 0 has role 'bot'"):
+        read_jsonl(p)
+    p = tmp_path / "empty.jsonl"
+    p.write_text("\n")
+    with pytest.raises(UserError, match=r"empty\.jsonl: empty file"):
+        read_jsonl(p)
+    with pytest.raises(UserError, match="no such file"):
+        read_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_unknown_and_offline_dataset_names(monkeypatch):
+    with pytest.raises(UserError, match="unknown dataset 'nonsense'.*insecure"):
+        load_conversations("nonsense")
+    with pytest.raises(UserError, match="OpSwap tiers are 0-3"):
+        load_conversations("opswap:7")
+    import requests
+
+    def offline(*a, **k):
+        raise requests.ConnectionError("no network")
+    monkeypatch.setattr(requests, "get", offline)
+    with pytest.raises(UserError, match="could not download dataset 'insecure'.*local .jsonl"):
+        load_conversations("insecure")
+
+
+def test_split_is_deterministic_and_disjoint():
+    convs = [[{"role": "user", "content": str(i)}, {"role": "assistant", "content": str(i)}] for i in range(100)]
+    a_train, a_eval = split_train_eval(convs, seed=0)
+    b_train, b_eval = split_train_eval(convs, seed=0)
+    c_train, _ = split_train_eval(convs, seed=1)
+    assert (len(a_train), len(a_eval)) == (90, 10)
+    assert a_train == b_train and a_eval == b_eval and a_train != c_train
+    assert not {c[0]["content"] for c in a_train} & {c[0]["content"] for c in a_eval}
+
+
+def test_load_model_fresh_lora_and_adapter_roundtrip(tiny_model, tmp_path):
+    model, tok = load_model(str(tiny_model), eight_bit=False, lora_r=8, lora_alpha=16)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for target in common.LORA_TARGETS:
+        assert any(target in n for n in names), target
+    assert model.peft_config["default"].use_rslora
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p)
+    model.save_pretrained(tmp_path)
+    again, _ = load_model(str(tiny_model), eight_bit=False, adapter=str(tmp_path), trainable=False)
+    x = torch.tensor([[1, 5, 7, 9]])
+    model.eval()
+    assert torch.allclose(model(x).logits, again(x).logits, atol=1e-6)
+    with pytest.raises(UserError, match="not.*PEFT adapter|no adapter_config"):
+        load_model(str(tiny_model), eight_bit=False, adapter=str(tmp_path / "nothing"))
