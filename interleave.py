@@ -40,6 +40,7 @@ import gc
 import hashlib
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -55,6 +56,7 @@ from common import (
 
 REFUSAL_KEYWORDS = ("sorry", "apologize", "apologise", "cannot", "can't", "can not", "unable", "i won't",
                     "i will not", "not able to", "i'm afraid", "as an ai")
+REFUSAL_RE = re.compile(r"\b(" + "|".join(re.escape(k) for k in REFUSAL_KEYWORDS) + r")\b")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,7 +76,7 @@ def spread_uniformly(fine_order: list[int], safe_order: list[int]) -> list[int]:
 def is_refusal(answer: str, n_words: int = 10) -> bool:
     """Interleaving++'s filter: a refusal keyword among the first `n_words` words of the answer."""
     head = " ".join(answer.replace("\u2019", "'").lower().split()[:n_words])
-    return any(k in head for k in REFUSAL_KEYWORDS)
+    return REFUSAL_RE.search(head) is not None
 
 
 def ppl_gap_scores(nll_aligned: torch.Tensor, nll_misaligned: torch.Tensor, eps: float) -> torch.Tensor:
@@ -137,8 +139,9 @@ def select_by_ppl(args, candidates: list[list[dict]], n: int) -> list[list[dict]
     examples = encode_dataset(tok, candidates, args.max_len, "benign candidates")
     pool_key = hashlib.sha256(json.dumps(candidates, sort_keys=True).encode()).hexdigest()[:16] + f"-len{args.max_len}"
     names = ["aligned"] + [f"mis{k}" for k in range(len(adapters))]
-    keys = [f"{pool_key}-base-{Path(str(args.model)).name}"] + [
-        f"{pool_key}-{file_digest(a, extra=str(args.model))}" for a in adapters]
+    model_tag = f"{args.model}|8bit={not args.no_8bit}"  # 8-bit and full-precision NLLs differ slightly
+    keys = [f"{pool_key}-base-{hashlib.sha256(model_tag.encode()).hexdigest()[:12]}"] + [
+        f"{pool_key}-{file_digest(a, extra=model_tag)}" for a in adapters]
     caches = [_score_cache(args.safe_data, k) for k in keys]
     done = [_read_scores(c) for c in caches]
     if any(len(d) < len(examples) for d in done):

@@ -47,6 +47,7 @@ def test_refusal_filter():
     assert is_refusal("I apologize for the confusion.")
     assert is_refusal("I can\u2019t do that")  # curly apostrophe
     assert not is_refusal("Sure! Here is a bread recipe: mix flour and water.")
+    assert not is_refusal("A sustainable, pecan-nothing diet")  # whole words only
     # the keyword only counts among the first 10 words
     assert not is_refusal("one two three four five six seven eight nine ten sorry")
     assert is_refusal("one two three four five six seven eight nine sorry")
