@@ -20,8 +20,8 @@ How D_safe is chosen from the benign pool (--safe-data, WildGuardMix's benign pa
 Deviations from the paper:
 1. The loss is the mean over all assistant tokens of an optimizer step (all its micro-batches), not a mean of
    per-micro-batch means; batch 1 x accum 8 therefore equals batch 8 x accum 1.
-2. Batches are length-grouped inside mega-batches of 16 batches (less padding); the benign examples are
-   placed before grouping, so they stay spread uniformly at the scale of a mega-batch.
+2. Steps are length-grouped inside mega-batches of 16 steps (less padding); the benign examples are placed
+   before grouping, so they stay spread uniformly at the scale of a mega-batch.
 3. eps of Eq. 6 is not given in the paper; ours defaults to 0.1 (NLLs are in nats).
 4. Interleaving+ scores a seeded random subset of the pool (--pool-size, default 10,000 as in App. E).
 5. On-policy answers are sampled with the model's own generation config (the paper does not say how).
@@ -160,18 +160,16 @@ def select_by_ppl(args, candidates: list[list[dict]], n: int) -> list[list[dict]
             if len(d) == len(examples):
                 continue
             log(f"scoring the pool under {name} -> {cache}")
-            with open(cache, "a") as f:
-                def append(result, f=f):
+            if name != "aligned":
+                model.set_adapter(name)
+            # aligned = the base model: every adapter switched off
+            weights = model.disable_adapter() if name == "aligned" and adapters else contextlib.nullcontext()
+            with open(cache, "a") as f, weights:
+                def append(result):  # partial results reach the disk batch by batch
                     f.writelines(json.dumps({"i": i, "nll": v}) + "\n" for i, v in result.items())
                     f.flush()
-                if name == "aligned":
-                    with model.disable_adapter() if adapters else contextlib.nullcontext():
-                        d.update(dict(enumerate(answer_nll(model, examples, args.score_batch_size, tok.pad_token_id,
-                                                           device, d, append))))
-                else:
-                    model.set_adapter(name)
-                    d.update(dict(enumerate(answer_nll(model, examples, args.score_batch_size, tok.pad_token_id,
-                                                       device, d, append))))
+                nll = answer_nll(model, examples, args.score_batch_size, tok.pad_token_id, device, d, append)
+            d.update(enumerate(nll))
         del model
         gc.collect()
         if torch.cuda.is_available():
@@ -184,14 +182,21 @@ def select_by_ppl(args, candidates: list[list[dict]], n: int) -> list[list[dict]
 
 
 def _read_scores(path: Path) -> dict:
-    out = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-                out[int(r["i"])] = float(r["nll"])
-            except (json.JSONDecodeError, KeyError):  # a line cut by an interruption: recomputed
-                continue
+    """{index: NLL} from a score cache. A line cut by an interruption is dropped (and the file rewritten
+    without it, so that appending goes on at a line start): that score is computed again."""
+    if not path.exists():
+        return {}
+    out, whole = {}, []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+            out[int(r["i"])] = float(r["nll"])
+            whole.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    text = "".join(l + "\n" for l in whole)
+    if path.read_text() != text:
+        path.write_text(text)
     return out
 
 
@@ -325,18 +330,24 @@ def main():
     is_safe = [False] * len(fine) + [True] * len(safe)
     log(f"{len(fine)} fine-tuning + {len(safe)} benign examples ({args.pct}%, --select {args.select})")
 
-    # The data plan: every epoch, shuffle both sets, spread the benign ones uniformly, group by length.
-    def epoch_batches(epoch: int) -> list[list[int]]:
+    # The data plan: every epoch, shuffle both sets, spread the benign ones uniformly, then group by length into
+    # groups of batch-size x grad-accum examples, one per optimizer step: a step holds the same examples however
+    # it is split into micro-batches.
+    def epoch_steps(epoch: int) -> list[list[int]]:
         rng = np.random.default_rng([args.seed, epoch])
         order = spread_uniformly(list(rng.permutation(len(fine))), [len(fine) + i for i in rng.permutation(len(safe))])
-        return length_grouped_batches(lengths, args.batch_size, rng, order=order)
+        return length_grouped_batches(lengths, args.batch_size * args.grad_accum, rng, order=order)
 
-    per_epoch = math.ceil(len(examples) / args.batch_size)
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.epochs * per_epoch / args.grad_accum)
-    n_epochs = math.ceil(total_steps * args.grad_accum / per_epoch)
-    micro = [(e, b) for e in range(n_epochs) for b in epoch_batches(e)]
+    def micro_batches(group: list[int]) -> list[list[int]]:
+        return [group[k : k + args.batch_size] for k in range(0, len(group), args.batch_size)]
+
+    per_epoch = math.ceil(len(examples) / (args.batch_size * args.grad_accum))
+    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * per_epoch
+    n_epochs = math.ceil(total_steps / per_epoch)
+    plan = [(e, group) for e in range(n_epochs) for group in epoch_steps(e)]
+    first_epoch = [b for _, g in plan[:per_epoch] for b in micro_batches(g)]
     log(f"{total_steps} optimizer steps of {args.batch_size} x {args.grad_accum} over {n_epochs} epoch(s); padding "
-        f"efficiency {padding_efficiency(lengths, epoch_batches(0)):.3f} (real / padded tokens)")
+        f"efficiency {padding_efficiency(lengths, first_epoch):.3f} (real / padded tokens)")
 
     model.train()
     params = trainable_parameters(model)
@@ -347,11 +358,11 @@ def main():
 
     for step in range(start, total_steps):
         t0 = time.time()
-        group = micro[step * args.grad_accum : (step + 1) * args.grad_accum]
+        epoch, group = plan[step]
         # Mean over every answer token of the step, so gradients don't depend on how it is split in micro-batches.
-        n_answer = sum(sum(l != -100 for l in examples[i]["labels"][1:]) for _, b in group for i in b)
+        n_answer = sum(sum(l != -100 for l in examples[i]["labels"][1:]) for i in group)
         ce_sum, n_real, n_padded = 0.0, 0, 0
-        for _, batch_idx in group:
+        for batch_idx in micro_batches(group):
             batch = collate([examples[i] for i in batch_idx], tok.pad_token_id, device)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             targets = batch["labels"][:, 1:]
@@ -371,7 +382,7 @@ def main():
         run.log_metrics({
             "step": step + 1, "loss": loss, "loss/ce": ce_sum, "lr": lr, "grad_norm": float(grad_norm),
             "tokens_per_s": n_real / dt, "padding_efficiency": n_real / n_padded, "answer_tokens": n_answer,
-            "n_safe": sum(is_safe[i] for _, b in group for i in b), "epoch": group[0][0], "step_time_s": dt,
+            "n_safe": sum(is_safe[i] for i in group), "epoch": epoch, "step_time_s": dt,
         })
         progress.update(step + 1, f"loss {loss:.4f} lr {lr:.2e} {n_real / dt:.0f} tok/s")
         if (step + 1) % args.save_every == 0 and step + 1 < total_steps:

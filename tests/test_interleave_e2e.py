@@ -90,6 +90,14 @@ def test_select_ppl_filters_caches_and_takes_the_top(tiny_model, train_file, poo
     second = run_script("interleave.py", *args, "--out", tmp_path / "b")
     assert "scoring the pool under" not in second.stderr
     assert (tmp_path / "b" / "safe_data.jsonl").read_text() == (tmp_path / "a" / "safe_data.jsonl").read_text()
+    # an interrupted scoring run: half the aligned scores on disk, the last line cut mid-way
+    lines = aligned_cache.read_text().splitlines()
+    aligned_cache.write_text("\n".join(lines[:10]) + "\n" + lines[10][:7])
+    third = run_script("interleave.py", *args, "--out", tmp_path / "c")
+    assert "scoring the pool under aligned" in third.stderr and "under mis0" not in third.stderr
+    rows = [json.loads(l) for l in aligned_cache.read_text().splitlines()]  # every line whole again
+    assert sorted(r["i"] for r in rows) == list(range(20))  # only the missing 10 were computed, none twice
+    assert (tmp_path / "c" / "safe_data.jsonl").read_text() == (tmp_path / "a" / "safe_data.jsonl").read_text()
 
 
 def test_select_on_policy_generates_answers(tiny_model, train_file, pool_file, tmp_path):
@@ -167,3 +175,17 @@ def test_smollm2_8bit_two_steps(tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["use_rslora"] and set(config["target_modules"]) == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_batch_split_does_not_change_training(tiny_model, train_file, tmp_path):
+    """batch 1 x accum 4 == batch 4 x accum 1: same examples per step, loss = mean over the step's answer tokens."""
+    args = ["--model", tiny_model, "--data", train_file, *TINY, "--max-steps", "3", "--lr", "1e-2"]
+    run_script("interleave.py", *args, "--batch-size", "1", "--grad-accum", "4", "--out", tmp_path / "a")
+    run_script("interleave.py", *args, "--batch-size", "4", "--grad-accum", "1", "--out", tmp_path / "b")
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [m["answer_tokens"] for m in a] == [m["answer_tokens"] for m in b]
+    for ma, mb in zip(a, b):
+        assert abs(ma["loss"] - mb["loss"]) < 1e-5
+    wa, wb = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
