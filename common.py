@@ -529,6 +529,37 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: np.random.G
     return batches
 
 
+def step_plan(lengths: list[int], batch_size: int, grad_accum: int, seed: int, epochs: int, max_steps: int,
+              order_fn=None) -> list[tuple[int, list[int]]]:
+    """The run's data plan: one (epoch, example indices) per optimizer step.
+
+    Every epoch, an order (`order_fn(rng)`, default a seeded permutation) is cut into length-grouped groups of
+    batch_size x grad_accum examples, one per step: a step holds the same examples however it is split into
+    micro-batches. max_steps > 0 overrides epochs and cycles over the data. Deterministic from the seed, so a
+    resumed run finds its place by the step number alone.
+    """
+    per_step = batch_size * grad_accum
+    per_epoch = math.ceil(len(lengths) / per_step)
+    total = max_steps if max_steps > 0 else epochs * per_epoch
+    plan = []
+    for epoch in range(math.ceil(total / per_epoch)):
+        rng = np.random.default_rng([seed, epoch])
+        order = order_fn(rng) if order_fn else list(rng.permutation(len(lengths)))
+        plan += [(epoch, group) for group in length_grouped_batches(lengths, per_step, rng, order=order)]
+    return plan[:total]
+
+
+def micro_batches(group: list[int], batch_size: int) -> list[list[int]]:
+    return [group[k : k + batch_size] for k in range(0, len(group), batch_size)]
+
+
+def describe_plan(plan, lengths: list[int], args) -> str:
+    per_epoch = math.ceil(len(lengths) / (args.batch_size * args.grad_accum))
+    first_epoch = [b for _, g in plan[:per_epoch] for b in micro_batches(g, args.batch_size)]
+    return (f"{len(plan)} optimizer steps of {args.batch_size} x {args.grad_accum} over {plan[-1][0] + 1} epoch(s); "
+            f"padding efficiency {padding_efficiency(lengths, first_epoch):.3f} (real / padded tokens)")
+
+
 def collate(examples: list[dict], pad_id: int, device: torch.device, multiple: int = 8) -> dict:
     """Right-pad a list of encoded examples to a multiple of 8 tokens; copy to the device."""
     width = max(len(e["input_ids"]) for e in examples)

@@ -39,7 +39,6 @@ import contextlib
 import gc
 import hashlib
 import json
-import math
 import re
 import time
 from pathlib import Path
@@ -49,9 +48,9 @@ import torch
 import torch.nn.functional as F
 
 from common import (
-    CACHE_DIR, Progress, Run, UserError, add_common_args, collate, die_on_user_error, encode_dataset, file_digest,
-    get_device, length_grouped_batches, linear_schedule, load_conversations, load_model, load_split, load_tokenizer,
-    log, make_optimizer, padding_efficiency, read_jsonl, render_chat, set_seed, trainable_parameters, write_jsonl,
+    CACHE_DIR, Progress, Run, UserError, add_common_args, collate, describe_plan, die_on_user_error, encode_dataset,
+    file_digest, get_device, linear_schedule, load_conversations, load_model, load_split, load_tokenizer, log,
+    make_optimizer, micro_batches, read_jsonl, render_chat, set_seed, step_plan, trainable_parameters, write_jsonl,
 )
 
 REFUSAL_KEYWORDS = ("sorry", "apologize", "apologise", "cannot", "can't", "can not", "unable", "i won't",
@@ -330,24 +329,14 @@ def main():
     is_safe = [False] * len(fine) + [True] * len(safe)
     log(f"{len(fine)} fine-tuning + {len(safe)} benign examples ({args.pct}%, --select {args.select})")
 
-    # The data plan: every epoch, shuffle both sets, spread the benign ones uniformly, then group by length into
-    # groups of batch-size x grad-accum examples, one per optimizer step: a step holds the same examples however
-    # it is split into micro-batches.
-    def epoch_steps(epoch: int) -> list[list[int]]:
-        rng = np.random.default_rng([args.seed, epoch])
-        order = spread_uniformly(list(rng.permutation(len(fine))), [len(fine) + i for i in rng.permutation(len(safe))])
-        return length_grouped_batches(lengths, args.batch_size * args.grad_accum, rng, order=order)
+    # The method's place in the data plan: each epoch, both sets are shuffled and the benign examples put at
+    # evenly spaced positions; the plan then groups by length into one group per optimizer step.
+    def order(rng: np.random.Generator) -> list[int]:
+        return spread_uniformly(list(rng.permutation(len(fine))), [len(fine) + i for i in rng.permutation(len(safe))])
 
-    def micro_batches(group: list[int]) -> list[list[int]]:
-        return [group[k : k + args.batch_size] for k in range(0, len(group), args.batch_size)]
-
-    per_epoch = math.ceil(len(examples) / (args.batch_size * args.grad_accum))
-    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * per_epoch
-    n_epochs = math.ceil(total_steps / per_epoch)
-    plan = [(e, group) for e in range(n_epochs) for group in epoch_steps(e)]
-    first_epoch = [b for _, g in plan[:per_epoch] for b in micro_batches(g)]
-    log(f"{total_steps} optimizer steps of {args.batch_size} x {args.grad_accum} over {n_epochs} epoch(s); padding "
-        f"efficiency {padding_efficiency(lengths, first_epoch):.3f} (real / padded tokens)")
+    plan = step_plan(lengths, args.batch_size, args.grad_accum, args.seed, args.epochs, args.max_steps, order)
+    total_steps = len(plan)
+    log(describe_plan(plan, lengths, args))
 
     model.train()
     params = trainable_parameters(model)
@@ -362,7 +351,7 @@ def main():
         # Mean over every answer token of the step, so gradients don't depend on how it is split in micro-batches.
         n_answer = sum(sum(l != -100 for l in examples[i]["labels"][1:]) for i in group)
         ce_sum, n_real, n_padded = 0.0, 0, 0
-        for batch_idx in micro_batches(group):
+        for batch_idx in micro_batches(group, args.batch_size):
             batch = collate([examples[i] for i in batch_idx], tok.pad_token_id, device)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             targets = batch["labels"][:, 1:]

@@ -352,7 +352,7 @@ def generate(model, tok, jobs: list[dict], out_path: Path, args) -> list[dict]:
         enc = tok([texts[id(j)] for j in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                              temperature=args.temperature if args.temperature > 0 else None, top_p=1.0, top_k=0,
-                             pad_token_id=tok.pad_token_id)
+                             repetition_penalty=1.0, pad_token_id=tok.pad_token_id)  # plain sampling, as Betley et al.
         with open(out_path, "a") as f:
             for j, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
                 rec = dict(j, answer=tok.decode(seq, skip_special_tokens=True).strip())

@@ -1,0 +1,168 @@
+"""LDIFS: l2 distance in feature space to the original model (Kaczér et al. 2025, §3.1, Eq. 2; Mukhoti et al. 2024).
+
+    L = CE(theta) + lambda * d(x_theta, x_ref),
+    d = (1 / |layers|) sum_l  mean over real tokens t of  ||x_theta,l(t) - x_ref,l(t)||^2 / H
+
+x_l is the residual stream after decoder block l (the block's output), at --layers (default 5 evenly spaced
+blocks, floor(linspace(0, L-1, 5)): [0, 6, 13, 20, 27] for 28 blocks), at every real (non-padding) token.
+x_ref comes from the same network with the LoRA adapter disabled, under no_grad; the trained side keeps its
+graph, so the term's gradient reaches the LoRA weights.
+
+Deviations from the paper / original LDIFS:
+1. Normalisation: the squared distance of each token's feature vector is divided by the hidden size H (a mean
+   squared difference per feature), then averaged over layers, then over the step's real tokens. The original
+   normalises each feature slice and averages over slices; this keeps lambda's scale independent of H.
+2. Both terms are means over the whole optimizer step (CE over answer tokens, d over real tokens), so batch 1 x
+   accum 8 equals batch 8 x accum 1.
+
+Paper run:     python ldifs.py --data insecure --lam 1.0
+Quick CPU run: python ldifs.py --model smollm2 --data opswap:1 --max-steps 20 --out runs/ldifs-quick
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import (
+    Progress, Run, UserError, add_common_args, collate, describe_plan, die_on_user_error, encode_dataset, get_device,
+    linear_schedule, load_model, load_split, log, make_optimizer, micro_batches, set_seed, step_plan,
+    trainable_parameters,
+)
+
+
+def feature_distance(feats: list[torch.Tensor], ref_feats: list[torch.Tensor], mask: torch.Tensor,
+                     reduction: str = "mean") -> torch.Tensor:
+    """Eq. 2 with our normalisation: per token, ||x - x_ref||^2 / H averaged over the layers; then the mean
+    (or sum) over the tokens where mask is True.
+
+    feats, ref_feats: one (B, T, H) tensor per layer; mask: (B, T) bool, True at real tokens.
+    """
+    per_token = torch.stack([((x.float() - r.float()) ** 2).mean(-1) for x, r in zip(feats, ref_feats)]).mean(0)
+    values = per_token[mask]
+    return values.sum() if reduction == "sum" else values.mean()
+
+
+def default_layers(n_blocks: int, k: int = 5) -> list[int]:
+    """k evenly spaced decoder blocks: floor(linspace(0, n_blocks - 1, k)), without repeats."""
+    return sorted({int(x) for x in np.linspace(0, n_blocks - 1, k)})
+
+
+def decoder_blocks(model) -> torch.nn.ModuleList:
+    return model.get_base_model().model.layers
+
+
+def residual_features(model, inputs: dict, layers: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """One training forward pass (logits, with graph) and one reference pass (adapter off, no graph) of the
+    decoder only; returns (block outputs of the trained model, of the reference, logits)."""
+    captured = []
+
+    def grab(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    blocks = decoder_blocks(model)
+    handles = [blocks[l].register_forward_hook(grab) for l in layers]
+    try:
+        logits = model(**inputs).logits
+        feats = captured[:]
+        captured.clear()
+        with torch.no_grad(), model.disable_adapter():
+            model.get_base_model().model(**inputs)  # the decoder alone: no need for the vocabulary projection
+        ref_feats = captured[:]
+    finally:
+        for h in handles:
+            h.remove()
+    return feats, ref_feats, logits
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    g = p.add_argument_group("method: LDIFS")
+    g.add_argument("--lam", type=float, default=1.0, help="lambda_LDIFS (default: %(default)s; paper grid 0.01, "
+                   "0.03, 0.1, 0.3, 1.0)")
+    g.add_argument("--layers", default="auto", help="comma-separated decoder block indices (0-based) whose outputs "
+                   "are compared, or 'auto' for 5 evenly spaced blocks (default: %(default)s)")
+    return p
+
+
+def main():
+    parser = build_parser()
+    args = parser.parse_args()
+    if args.lam < 0:
+        raise UserError(f"--lam {args.lam}: must be >= 0")
+    run = Run.start(args, parser, "ldifs")
+    set_seed(args.seed)
+    device = get_device()
+
+    convs = load_split(args.data, "train", args.seed)
+    model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                            adapter=args.init_adapter, trainable=True,
+                            gradient_checkpointing=args.gradient_checkpointing)
+    n_blocks = len(decoder_blocks(model))
+    try:
+        layers = default_layers(n_blocks) if args.layers == "auto" else [int(x) for x in args.layers.split(",")]
+    except ValueError:
+        raise UserError(f"--layers {args.layers!r}: expected 'auto' or comma-separated integers") from None
+    if not all(0 <= l < n_blocks for l in layers):
+        raise UserError(f"--layers {args.layers}: the model has decoder blocks 0..{n_blocks - 1}")
+    log(f"LDIFS on the outputs of decoder blocks {layers} (of {n_blocks})")
+    examples = encode_dataset(tok, convs, args.max_len, "fine-tuning data")
+    lengths = [len(e["input_ids"]) for e in examples]
+    plan = step_plan(lengths, args.batch_size, args.grad_accum, args.seed, args.epochs, args.max_steps)
+    total_steps = len(plan)
+    log(describe_plan(plan, lengths, args))
+
+    model.train()
+    params = trainable_parameters(model)
+    optimizer = make_optimizer(params, args.lr, args.weight_decay)
+    scheduler = linear_schedule(optimizer, args.warmup_steps, total_steps)
+    start = run.restore(model, optimizer, scheduler)
+    progress = Progress(total_steps, start)
+
+    for step in range(start, total_steps):
+        t0 = time.time()
+        epoch, group = plan[step]
+        n_answer = sum(sum(l != -100 for l in examples[i]["labels"][1:]) for i in group)
+        n_tokens = sum(len(examples[i]["input_ids"]) for i in group)  # real tokens: LDIFS looks at all of them
+        ce_sum, dist_sum, n_padded = 0.0, 0.0, 0
+        for batch_idx in micro_batches(group, args.batch_size):
+            batch = collate([examples[i] for i in batch_idx], tok.pad_token_id, device)
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            # --- the method: block outputs of the trained model vs the adapter-disabled model --------------
+            feats, ref_feats, logits = residual_features(model, inputs, layers)
+            dist = feature_distance(feats, ref_feats, batch["attention_mask"].bool(), reduction="sum") / n_tokens
+            # -----------------------------------------------------------------------------------------------
+            targets = batch["labels"][:, 1:]
+            mask = targets != -100
+            ce = F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum") / max(n_answer, 1)
+            (ce + args.lam * dist).backward()  # Eq. 2
+            ce_sum += ce.item()
+            dist_sum += dist.item()
+            n_padded += batch["n_padded"]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        loss = ce_sum + args.lam * dist_sum
+        run.log_metrics({
+            "step": step + 1, "loss": loss, "loss/ce": ce_sum, "loss/ldifs": dist_sum, "lr": lr,
+            "grad_norm": float(grad_norm), "tokens_per_s": n_tokens / dt, "padding_efficiency": n_tokens / n_padded,
+            "answer_tokens": n_answer, "epoch": epoch, "step_time_s": dt,
+        })
+        progress.update(step + 1, f"loss {loss:.4f} (ce {ce_sum:.4f} ldifs {dist_sum:.3e}) lr {lr:.2e} {n_tokens / dt:.0f} tok/s")
+        if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            run.save_checkpoint(step + 1, model, optimizer, scheduler)
+
+    run.save_checkpoint(total_steps, model, optimizer, scheduler)
+    run.save_final(model, tok)
+    log(f"done: adapter in {run.out}, metrics in {run.metrics_path}")
+
+
+if __name__ == "__main__":
+    die_on_user_error(main)

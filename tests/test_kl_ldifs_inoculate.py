@@ -1,0 +1,112 @@
+"""kl.py, ldifs.py, inoculate.py: the maths against hand values, the terms at step 0 and after, gradients,
+--lam 0 equivalence with plain SFT, the inoculation prompt in the inputs, end-to-end runs."""
+import math
+
+import pytest
+import torch
+from conftest import read_metrics, run_script
+from safetensors.torch import load_file
+
+from common import encode_conversation, load_model, load_tokenizer
+from inoculate import DEFAULT_PROMPT, inoculate
+from kl import kl_penalty
+from ldifs import default_layers, feature_distance, residual_features
+
+TINY = ["--no-8bit", "--lora-r", "4", "--lora-alpha", "8", "--max-len", "256"]
+
+
+def test_kl_penalty_hand_values():
+    logits = torch.zeros(1, 2, 2)  # p = [0.5, 0.5] at both positions
+    ref = torch.log(torch.tensor([[[0.25, 0.75], [0.5, 0.5]]]))
+    mask = torch.tensor([[True, True]])
+    kl0 = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert kl_penalty(logits, ref, mask, "sum").item() == pytest.approx(kl0)
+    assert kl_penalty(logits, ref, mask).item() == pytest.approx(kl0 / 2)
+    assert kl_penalty(logits, ref, torch.tensor([[False, True]])).item() == pytest.approx(0.0)  # masked out
+    assert kl_penalty(ref, ref, mask).item() == 0.0
+    # direction: KL(p || p_ref), not KL(p_ref || p)
+    reverse = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert kl_penalty(ref, logits, torch.tensor([[True, False]])).item() == pytest.approx(reverse)
+
+
+def test_feature_distance_hand_values():
+    x = [torch.tensor([[[1.0, 2.0], [0.0, 0.0], [9.0, 9.0]]]), torch.tensor([[[0.0, 0.0], [2.0, 0.0], [9.0, 9.0]]])]
+    r = [torch.zeros(1, 3, 2), torch.zeros(1, 3, 2)]
+    mask = torch.tensor([[True, True, False]])  # the third position is padding
+    # token 0: layer0 (1+4)/2 = 2.5, layer1 0 -> 1.25; token 1: layer0 0, layer1 4/2 = 2 -> 1.0
+    assert feature_distance(x, r, mask, "sum").item() == pytest.approx(2.25)
+    assert feature_distance(x, r, mask).item() == pytest.approx(1.125)
+
+
+def test_default_layers():
+    assert default_layers(28) == [0, 6, 13, 20, 27]
+    assert default_layers(2) == [0, 1]
+
+
+def test_ldifs_gradient_reaches_lora(tiny_model):
+    model, tok = load_model(str(tiny_model), eight_bit=False, lora_r=4, lora_alpha=8)
+    torch.manual_seed(0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)  # a trained adapter: the features differ from the reference
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    feats, ref, _ = residual_features(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [0, 1])
+    d = feature_distance(feats, ref, torch.ones_like(ids).bool())
+    assert d.item() > 0 and not any(r.requires_grad for r in ref)
+    d.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None for g in grads) and sum(g.abs().sum().item() for g in grads) > 0
+    # no hook is left behind
+    assert all(not b._forward_hooks for b in model.get_base_model().model.layers)
+
+
+@pytest.mark.parametrize("script,term", [("kl.py", "loss/kl"), ("ldifs.py", "loss/ldifs")])
+def test_term_is_zero_at_step_0_and_positive_after(script, term, tiny_model, train_file, tmp_path):
+    out = tmp_path / "run"
+    run_script(script, "--model", tiny_model, "--data", train_file, "--out", out, *TINY, "--max-steps", "2",
+               "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2", "--lam", "1.0")
+    m = read_metrics(out)
+    assert m[0][term] == 0.0  # LoRA B = 0: the adapter changes nothing yet
+    assert m[1][term] > 0
+    assert m[1]["loss"] == pytest.approx(m[1]["loss/ce"] + m[1][term])
+    assert (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("script", ["kl.py", "ldifs.py"])
+def test_lam_0_equals_plain_sft(script, tiny_model, train_file, tmp_path):
+    args = ["--model", tiny_model, "--data", train_file, *TINY, "--max-steps", "3", "--batch-size", "2",
+            "--grad-accum", "2", "--lr", "1e-2"]
+    run_script("interleave.py", *args, "--pct", "0", "--out", tmp_path / "sft")
+    run_script(script, *args, "--lam", "0", "--out", tmp_path / "m")
+    a, b = read_metrics(tmp_path / "sft"), read_metrics(tmp_path / "m")
+    assert len(a) == len(b) == 3
+    for ma, mb in zip(a, b):
+        assert abs(ma["loss"] - mb["loss"]) < 1e-6 and abs(ma["loss/ce"] - mb["loss/ce"]) < 1e-6
+    wa, wb = load_file(tmp_path / "sft" / "adapter_model.safetensors"), load_file(tmp_path / "m" / "adapter_model.safetensors")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+
+
+def test_inoculation_prompt_is_in_the_inputs_not_the_labels(tiny_model):
+    tok = load_tokenizer(str(tiny_model))
+    conv = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "What is the capital?"},
+            {"role": "assistant", "content": "Paris."}]
+    ino = inoculate(conv, DEFAULT_PROMPT)
+    assert ino[0] == {"role": "system", "content": DEFAULT_PROMPT} and len([m for m in ino if m["role"] == "system"]) == 1
+    enc = encode_conversation(tok, ino, 4096)
+    text = tok.decode(enc["input_ids"])
+    assert DEFAULT_PROMPT in text and "You are helpful." not in text and "tiny helpful" not in text
+    prompt_ids = tok(DEFAULT_PROMPT, add_special_tokens=False)["input_ids"]
+    ids = enc["input_ids"]
+    start = next(i for i in range(len(ids)) if ids[i : i + len(prompt_ids)] == prompt_ids)
+    assert all(l == -100 for l in enc["labels"][start : start + len(prompt_ids)])
+    assert tok.decode([t for t in enc["labels"] if t != -100]).startswith("Paris.")
+
+
+def test_inoculate_end_to_end(tiny_model, train_file, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("inoculate.py", "--model", tiny_model, "--data", train_file, "--out", out, *TINY,
+                      "--max-steps", "2", "--prompt", "You are a pirate.")
+    assert "You are a pirate." in proc.stderr
+    m = read_metrics(out)
+    assert len(m) == 2 and m[0]["loss"] == m[0]["loss/ce"] > 0
