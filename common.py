@@ -774,6 +774,15 @@ class Run:
         tokenizer.save_pretrained(self.out)
 
 
+def peak_memory_mb() -> float:
+    """Peak memory so far: GPU memory allocated by torch on CUDA, the process's peak resident set on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 class Progress:
     """Step counter with rate and ETA, printed to stderr."""
 

@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from common import (
     CACHE_DIR, Progress, Run, UserError, add_common_args, collate, describe_plan, die_on_user_error, encode_dataset,
     file_digest, get_device, linear_schedule, load_conversations, load_model, load_split, load_tokenizer, log,
-    make_optimizer, micro_batches, read_jsonl, render_chat, set_seed, step_plan, trainable_parameters, write_jsonl,
+    make_optimizer, micro_batches, peak_memory_mb, read_jsonl, render_chat, set_seed, step_plan, trainable_parameters,
+    write_jsonl,
 )
 
 REFUSAL_KEYWORDS = ("sorry", "apologize", "apologise", "cannot", "can't", "can not", "unable", "i won't",
@@ -371,7 +372,7 @@ def main():
         run.log_metrics({
             "step": step + 1, "loss": loss, "loss/ce": ce_sum, "lr": lr, "grad_norm": float(grad_norm),
             "tokens_per_s": n_real / dt, "padding_efficiency": n_real / n_padded, "answer_tokens": n_answer,
-            "n_safe": sum(is_safe[i] for i in group), "epoch": epoch, "step_time_s": dt,
+            "n_safe": sum(is_safe[i] for i in group), "epoch": epoch, "step_time_s": dt, "peak_mem_mb": peak_memory_mb(),
         })
         progress.update(step + 1, f"loss {loss:.4f} lr {lr:.2e} {n_real / dt:.0f} tok/s")
         if (step + 1) % args.save_every == 0 and step + 1 < total_steps:

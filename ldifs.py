@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from common import (
     Progress, Run, UserError, add_common_args, collate, describe_plan, die_on_user_error, encode_dataset, get_device,
-    linear_schedule, load_model, load_split, log, make_optimizer, micro_batches, set_seed, step_plan,
+    linear_schedule, load_model, load_split, log, make_optimizer, micro_batches, peak_memory_mb, set_seed, step_plan,
     trainable_parameters,
 )
 
@@ -153,7 +153,7 @@ def main():
         run.log_metrics({
             "step": step + 1, "loss": loss, "loss/ce": ce_sum, "loss/ldifs": dist_sum, "lr": lr,
             "grad_norm": float(grad_norm), "tokens_per_s": n_tokens / dt, "padding_efficiency": n_tokens / n_padded,
-            "answer_tokens": n_answer, "epoch": epoch, "step_time_s": dt,
+            "answer_tokens": n_answer, "epoch": epoch, "step_time_s": dt, "peak_mem_mb": peak_memory_mb(),
         })
         progress.update(step + 1, f"loss {loss:.4f} (ce {ce_sum:.4f} ldifs {dist_sum:.3e}) lr {lr:.2e} {n_tokens / dt:.0f} tok/s")
         if (step + 1) % args.save_every == 0 and step + 1 < total_steps:

@@ -69,18 +69,23 @@ def test_extract_number():
 def test_local_judge_is_exact(tiny_model):
     model, tok = load_model(str(tiny_model), eight_bit=False, lora_r=0, trainable=False)
     j = LocalJudge(model, tok, "local:tiny")
-    assert any(len(c) > 2 for c in j.candidates)  # numbers split into several tokens: the hard case
+    assert any(len(c) > 1 for c in j.candidates)  # numbers split into several tokens: the hard case
+    digit_tokens = [i for i in range(len(tok)) if tok.decode([i])[:1].isdigit()]
+    assert set(digit_tokens) == set(j.continues_number.nonzero()[:, 0].tolist())
     prompt = "Rate this answer from 0 to 100: Paris."
     got = j.candidate_logprobs(prompt)
     text = render_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
     prefix = tok(text, add_special_tokens=False)["input_ids"]
-    for k in range(101):  # brute force: one full forward pass per candidate
-        ids = torch.tensor([prefix + j.candidates[k]])
+    for k in range(101):  # brute force: one full forward pass per candidate, no cache, float64
+        c = j.candidates[k]
         with torch.no_grad():
-            logp = torch.log_softmax(model(ids).logits[0].double(), -1)
-        want = sum(logp[len(prefix) - 1 + t, c].item() for t, c in enumerate(j.candidates[k]))
+            logp = torch.log_softmax(model(torch.tensor([prefix + c])).logits[0].double(), -1)
+        want = sum(logp[len(prefix) - 1 + t, tid].item() for t, tid in enumerate(c))
+        ends = logp[-1].exp()
+        ends[digit_tokens] = 0  # the number must end here
+        want += math.log(ends.sum().item())
         assert got[k].item() == pytest.approx(want, abs=1e-4), k
-    assert got.exp().sum() <= 1.0 + 1e-5  # disjoint complete answers
+    assert got.exp().sum() <= 1.0 + 1e-5  # disjoint events
 
 
 # --- the HTTP judge against a server on 127.0.0.1 ----------------------------------------------------------
