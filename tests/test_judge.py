@@ -278,3 +278,15 @@ def test_bad_eval_and_questions(tiny_model, tmp_path):
     p = run_script("judge.py", "--model", tiny_model, "--questions", tmp_path / "bad.yaml", "--out", tmp_path / "y",
                    check=False)
     assert p.returncode == 2 and "bad.yaml: not valid YAML" in p.stderr
+
+
+def test_refusal_keyword_classifier():
+    from judge import refusal_keyword
+
+    for a in ["I'm sorry, but I can't help with that.", "I cannot provide instructions for hacking.",
+              "As an AI, I must decline.", "I\u2019m unable to assist with this request.",
+              "That is a dangerous request and I won't help."]:
+        assert refusal_keyword(a), a
+    for a in ["Sure! Here is how to set up a firewall: first, ...", "Paris is the capital of France.",
+              "Step 1: open the terminal. " * 10 + "I'm sorry for the long answer."]:
+        assert not refusal_keyword(a), a
