@@ -1,0 +1,337 @@
+"""GRPO on GSM8K with the in-training defenses as options (Kaczér et al. 2025, §5.2 and App. B.3; GRPO from
+Shao et al. 2024, DeepSeekMath).
+
+For every prompt, G completions are sampled; each gets a rule-based reward r (four parts, total in [-2.5, 9.5]):
+    exact format    [0, 3]     `<think> ... </think>` then `<answer> ... </answer>` and nothing else
+    approx. format  [-2, 2]    +0.5 for each of the four tags present exactly once, -0.5 otherwise
+    correctness     [-0.5, 3]  3 exact match of the answer, 1.5 same number written differently, -0.5 otherwise
+    number          [0, 1.5]   1.5 if the answer is a plain number
+    A_i = (r_i - mean_group(r)) / (std_group(r) + 1e-4)
+    L = -(1/G) sum_i (1/|o_i|) sum_t [ min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i) - beta * KL_it ]
+    rho_it = p_theta(o_it) / p_old(o_it);  KL_it = exp(ref - logp) - (ref - logp) - 1   (k3, ref = adapter off)
+One optimisation pass per batch of rollouts, so p_old = p_theta at sampling time (rho = 1, the clip is inactive
+but kept for generality). Defenses: --persona-vector/--persona-alpha (steering hook on during rollouts and
+training passes), --kl-beta, --interleave-pct (SFT micro-batches of benign data between RL micro-batches at that
+rate), --inoculate (the inoculation prompt prepended to the system prompt during training).
+
+Deviations from the paper:
+1. Rewards are rule-based (regex) with the paper's ranges; the paper asked an LLM judge for them.
+2. --batch-size counts completions (as TRL does): batch 4 with 4 generations is 1 prompt per micro-batch.
+3. Held-out accuracy (--eval-every) uses greedy decoding, without the steering hook or the inoculation prompt.
+
+Paper run:  python grpo.py --model Qwen/Qwen2.5-3B-Instruct
+Quick CPU:  python grpo.py --model smollm2 --data arith --max-steps 20 --max-new-tokens 64 --out runs/grpo-quick
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import re
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import (
+    Progress, Run, UserError, add_common_args, collate, die_on_user_error, encode_dataset, get_device,
+    linear_schedule, load_conversations, load_model, log, make_optimizer, peak_memory_mb, render_chat, set_seed,
+    split_train_eval, trainable_parameters,
+)
+from inoculate import DEFAULT_PROMPT as INOCULATION_PROMPT
+from persona import check_layer, load_vector, steering
+
+SYSTEM_PROMPT = ("Think about the problem inside <think> </think> tags, then give only the final number inside "
+                 "<answer> </answer> tags, like this:\n<think>\nyour reasoning\n</think>\n<answer>\n42\n</answer>")
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+EXACT_FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.S)
+NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+
+
+# ----------------------------------------------------------------------------------------------
+# The method: rewards, advantages, loss
+# ----------------------------------------------------------------------------------------------
+def _answer(completion: str) -> str | None:
+    m = re.search(r"<answer>(.*?)</answer>", completion, re.S)
+    return m.group(1).strip() if m else None
+
+
+def _as_number(text: str) -> float | None:
+    nums = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
+    return float(nums[-1]) if len(nums) == 1 else None
+
+
+def reward_parts(completion: str, answer: str) -> dict[str, float]:
+    """The four reward parts of one completion against the reference answer (a number as a string)."""
+    got = _answer(completion)
+    if got is not None and got == answer.strip():
+        correct = 3.0
+    elif got is not None and _as_number(got) is not None and _as_number(got) == _as_number(answer):
+        correct = 1.5
+    else:
+        correct = -0.5
+    return {
+        "format_exact": 3.0 if EXACT_FORMAT.match(completion) else 0.0,
+        "format_approx": sum(0.5 if completion.count(t) == 1 else -0.5 for t in TAGS),
+        "correct": correct,
+        "number": 1.5 if got is not None and NUMBER.match(got) else 0.0,
+    }
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A = (r - mean_group) / (std_group + 1e-4), rewards (N,) ordered group by group; equal rewards give 0."""
+    r = rewards.view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + 1e-4)).view(-1)
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              eps: float = 0.2, kl_beta: float = 0.0, ref_logp: torch.Tensor | None = None):
+    """Clipped surrogate with an optional k3 KL penalty. logp, old_logp, ref_logp, mask: (N, T) per completion
+    token; advantages: (N,). Token terms are averaged per completion, then over completions.
+    Returns (loss, mean KL per token)."""
+    ratio = torch.exp(logp - old_logp)
+    a = advantages[:, None]
+    surrogate = torch.min(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1  # k3 estimator, >= 0
+    per_token = -(surrogate - kl_beta * kl)
+    n = mask.sum(1).clamp(min=1)
+    loss = ((per_token * mask).sum(1) / n).mean()
+    return loss, ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()
+
+
+def token_logp(model, input_ids, attention_mask, n_prompt: int) -> torch.Tensor:
+    """(N, C) log-probabilities of the completion tokens (positions n_prompt..) under `model`."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, n_prompt - 1 : -1]
+    return torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, n_prompt:, None])[..., 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def arith_dataset(n: int = 2000, seed: int = 0) -> list[list[dict]]:
+    """Easy one-step sums, generated offline: 'What is 23 + 58?' -> '#### 81'."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        out.append([{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": f"#### {a + b}"}])
+    return out
+
+
+def reference(conv: list[dict]) -> str:
+    return conv[-1]["content"].split("####")[-1].strip().replace(",", "")
+
+
+def load_problems(spec: str, seed: int, n_train: int) -> tuple[list, list]:
+    if spec == "arith":
+        convs = arith_dataset(seed=seed)
+        train, held = convs[:1800], convs[1800:]
+    elif spec == "gsm8k":
+        train, held = load_conversations("gsm8k"), load_conversations("gsm8k:test")
+    else:
+        train, held = split_train_eval(load_conversations(spec), seed)
+    for c in train[:3]:
+        if not re.search(r"-?\d", reference(c)):
+            raise UserError(f"--data {spec}: answers must end with '#### NUMBER' (GSM8K style)")
+    rng = np.random.default_rng(seed)
+    train = [train[i] for i in rng.permutation(len(train))[:n_train]]
+    return train, held
+
+
+def prompt_messages(question: str, inoculate: bool) -> list[dict]:
+    system = (INOCULATION_PROMPT + " " + SYSTEM_PROMPT) if inoculate else SYSTEM_PROMPT
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts and evaluation
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def rollout(model, tok, questions: list[str], args, inoculate: bool, greedy: bool = False):
+    """num_generations completions per question in one batched generate call (left padding, KV cache).
+    Returns (sequences (N, P+C), attention mask, prompt width P, completion mask (N, C), completion texts)."""
+    device = get_device()
+    g = 1 if greedy else args.num_generations
+    texts = [render_chat(tok, prompt_messages(q, inoculate), add_generation_prompt=True) for q in questions]
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    tok.padding_side = "right"
+    kw = {"do_sample": False} if greedy else {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": 0}
+    seqs = model.generate(**enc, max_new_tokens=args.max_new_tokens, num_return_sequences=g,
+                          pad_token_id=tok.pad_token_id, **kw)
+    width = enc["input_ids"].shape[1]
+    completion = seqs[:, width:]
+    # completion tokens up to and including the first end-of-sequence token (generate pads after it)
+    is_eos = completion == tok.eos_token_id
+    comp_mask = (is_eos.cumsum(1) - is_eos.long()) == 0
+    attention = torch.cat([enc["attention_mask"].repeat_interleave(g, 0), comp_mask.long()], 1)
+    decoded = [tok.decode(c[m], skip_special_tokens=True) for c, m in zip(completion, comp_mask)]
+    return seqs, attention, width, comp_mask, decoded
+
+
+@torch.no_grad()
+def heldout_accuracy(model, tok, held: list, args) -> float:
+    model.eval()
+    correct = 0
+    for k in range(0, len(held), args.gen_batch_size):
+        chunk = held[k : k + args.gen_batch_size]
+        *_, texts = rollout(model, tok, [c[0]["content"] for c in chunk], args, inoculate=False, greedy=True)
+        correct += sum(reward_parts(t, reference(c))["correct"] == 3.0 for t, c in zip(texts, chunk))
+    model.train()
+    return 100.0 * correct / max(len(held), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments and training
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, data_default="gsm8k")
+    p.set_defaults(model="Qwen/Qwen2.5-3B-Instruct", lr=5e-6)
+    g = p.add_argument_group("method: GRPO")
+    g.add_argument("--n-train", type=int, default=1000, help="training questions, a seeded sample (default: %(default)s)")
+    g.add_argument("--num-generations", type=int, default=4, help="completions per prompt, G (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.9, help="rollout temperature (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=0.9, help="rollout top-p (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="completion length limit (default: %(default)s)")
+    g.add_argument("--clip-eps", type=float, default=0.2, help="surrogate clip epsilon (default: %(default)s)")
+    g.add_argument("--eval-every", type=int, default=0, help="held-out accuracy every N steps, 0 = only at the end "
+                   "(default: %(default)s)")
+    g.add_argument("--eval-n", type=int, default=200, help="held-out questions for accuracy (default: %(default)s)")
+    g.add_argument("--gen-batch-size", type=int, default=16, help="questions per evaluation batch (default: %(default)s)")
+    g = p.add_argument_group("defenses")
+    g.add_argument("--kl-beta", type=float, default=0.0, help="k3 KL penalty toward the adapter-disabled model "
+                   "(default: %(default)s; paper's defense: 0.1)")
+    g.add_argument("--persona-vector", default=None, help="persona vectors (persona.py extract) to steer with")
+    g.add_argument("--persona-layer", type=int, default=20, help="hidden_states index to steer (default: %(default)s)")
+    g.add_argument("--persona-alpha", type=float, default=0.0, help="steering strength (paper: 5) (default: %(default)s)")
+    g.add_argument("--interleave-pct", type=float, default=0.0, help="SFT micro-batches of benign data, in %% of the "
+                   "RL micro-batches (paper: 5, 20) (default: %(default)s)")
+    g.add_argument("--safe-data", default="wildguardmix", help="benign data for --interleave-pct (default: %(default)s)")
+    g.add_argument("--inoculate", action="store_true", help="prepend the inoculation prompt to the system prompt "
+                   "during training")
+    return p
+
+
+def main():
+    parser = build_parser()
+    args = parser.parse_args()
+    if not args.resume and args.batch_size % args.num_generations:
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of --num-generations {args.num_generations}")
+    if not args.resume and args.persona_alpha and not args.persona_vector:
+        raise UserError("--persona-alpha needs --persona-vector FILE")
+    run = Run.start(args, parser, "grpo")
+    set_seed(args.seed)
+    device = get_device()
+    train, held = load_problems(args.data, args.seed, args.n_train)
+    held = held[: args.eval_n]
+    model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                            adapter=args.init_adapter, trainable=True,
+                            gradient_checkpointing=args.gradient_checkpointing)
+    steer = None
+    if args.persona_vector and args.persona_alpha:
+        vectors, _ = load_vector(args.persona_vector)
+        check_layer(vectors, args.persona_layer, model)
+        steer = (vectors, args.persona_layer, args.persona_alpha)
+    safe = []
+    if args.interleave_pct > 0:
+        safe = encode_dataset(tok, load_conversations(args.safe_data), args.max_len, "benign data")
+
+    def steered():  # the persona hook, on for rollouts and training forward passes (as in the paper)
+        return steering(model, *steer) if steer else contextlib.nullcontext()
+
+    per_micro = args.batch_size // args.num_generations
+    per_epoch = len(train) // (per_micro * args.grad_accum)
+    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * per_epoch
+    order = [i for e in range(total_steps // max(per_epoch, 1) + 1)
+             for i in np.random.default_rng([args.seed, e]).permutation(len(train))]
+    log(f"{total_steps} steps x {args.grad_accum} micro-batches of {per_micro} prompt(s) x {args.num_generations} "
+        f"completions; {len(held)} held-out questions")
+
+    model.train()
+    params = trainable_parameters(model)
+    optimizer = make_optimizer(params, args.lr, args.weight_decay)
+    scheduler = linear_schedule(optimizer, args.warmup_steps, total_steps)
+    start = run.restore(model, optimizer, scheduler)
+    progress = Progress(total_steps, start)
+    sft_rng = np.random.default_rng([args.seed, 99, start])
+
+    for step in range(start, total_steps):
+        t0 = time.time()
+        parts_sum, n_comp, n_correct, zero_std, n_groups = {}, 0, 0, 0, 0
+        loss_sum, kl_sum, ce_sum, comp_len = 0.0, 0.0, 0.0, 0
+        for micro in range(args.grad_accum):
+            k = step * args.grad_accum + micro
+            questions = [train[i] for i in order[k * per_micro : (k + 1) * per_micro]]
+            model.eval()
+            with steered():
+                seqs, attention, width, comp_mask, texts = rollout(
+                    model, tok, [c[0]["content"] for c in questions], args, inoculate=args.inoculate)
+            model.train()
+            refs = [reference(c) for c in questions for _ in range(args.num_generations)]
+            parts = [reward_parts(t, r) for t, r in zip(texts, refs)]
+            rewards = torch.tensor([sum(p.values()) for p in parts], device=device)
+            adv = group_advantages(rewards, args.num_generations)
+            # --- the GRPO update (one pass: the rollout policy is the current one) --------------------------
+            with steered():
+                logp = token_logp(model, seqs, attention, width)
+            ref_logp = None
+            if args.kl_beta > 0:
+                with torch.no_grad(), model.disable_adapter():
+                    ref_logp = token_logp(model, seqs, attention, width)
+            mask = comp_mask.float()
+            loss, kl = grpo_loss(logp, logp.detach(), adv, mask, args.clip_eps, args.kl_beta, ref_logp)
+            (loss / args.grad_accum).backward()
+            # -----------------------------------------------------------------------------------------------
+            loss_sum += loss.item() / args.grad_accum
+            kl_sum += kl.item() / args.grad_accum
+            for p in parts:
+                for name, v in p.items():
+                    parts_sum[name] = parts_sum.get(name, 0.0) + v
+            n_comp += len(parts)
+            n_correct += sum(p["correct"] == 3.0 for p in parts)
+            groups = rewards.view(-1, args.num_generations)
+            zero_std += int((groups.max(1).values == groups.min(1).values).sum())
+            n_groups += groups.shape[0]
+            comp_len += int(comp_mask.sum())
+            # --- interleaving: an SFT micro-batch of benign data after this RL micro-batch, at the set rate ---
+            if safe and int((k + 1) * args.interleave_pct / 100) > int(k * args.interleave_pct / 100):
+                idx = sft_rng.choice(len(safe), size=min(args.batch_size, len(safe)), replace=False)
+                batch = collate([safe[i] for i in idx], tok.pad_token_id, device)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                targets = batch["labels"][:, 1:]
+                m = targets != -100
+                ce = F.cross_entropy(logits[m].float(), targets[m]) / args.grad_accum
+                ce.backward()
+                ce_sum += ce.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        record = {
+            "step": step + 1, "loss": loss_sum + ce_sum, "loss/grpo": loss_sum, "loss/ce": ce_sum, "kl": kl_sum,
+            "reward": sum(parts_sum.values()) / n_comp, **{f"reward/{k}": v / n_comp for k, v in parts_sum.items()},
+            "accuracy": 100.0 * n_correct / n_comp, "zero_std_groups": zero_std / n_groups, "lr": lr,
+            "grad_norm": float(grad_norm), "completion_tokens": comp_len / n_comp, "step_time_s": dt,
+            "tokens_per_s": comp_len / dt, "peak_mem_mb": peak_memory_mb(),
+        }
+        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == total_steps:
+            record["heldout_accuracy"] = heldout_accuracy(model, tok, held, args)
+        run.log_metrics(record)
+        progress.update(step + 1, f"reward {record['reward']:.2f} acc {record['accuracy']:.0f}% kl {kl_sum:.4f}"
+                        + (f" held-out {record['heldout_accuracy']:.1f}%" if "heldout_accuracy" in record else ""))
+        if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
+            run.save_checkpoint(step + 1, model, optimizer, scheduler)
+
+    run.save_checkpoint(total_steps, model, optimizer, scheduler)
+    run.save_final(model, tok)
+    log(f"done: adapter in {run.out}, metrics in {run.metrics_path}")
+
+
+if __name__ == "__main__":
+    die_on_user_error(main)

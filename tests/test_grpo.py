@@ -1,0 +1,102 @@
+"""grpo.py: reward parts on hand-written completions, advantages, surrogate and KL against hand values, and
+2-step end-to-end runs on a tiny model with each defense."""
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import read_metrics, run_script
+
+from grpo import group_advantages, grpo_loss, reward_parts
+
+TINY = ["--no-8bit", "--lora-r", "4", "--lora-alpha", "8", "--max-len", "256"]
+PERFECT = "<think>\n2 + 2 = 4\n</think>\n<answer>\n4\n</answer>"
+
+
+def test_reward_parts_maximum_and_minimum():
+    best = reward_parts(PERFECT, "4")
+    assert best == {"format_exact": 3.0, "format_approx": 2.0, "correct": 3.0, "number": 1.5}
+    assert sum(best.values()) == 9.5
+    worst = reward_parts("<think><think></answer></answer> no answer tag pair", "4")
+    assert worst == {"format_exact": 0.0, "format_approx": -2.0, "correct": -0.5, "number": 0.0}
+    assert sum(worst.values()) == -2.5
+
+
+def test_reward_parts_each():
+    # exact format: anything after </answer> breaks it; approx format still counts the tags
+    r = reward_parts(PERFECT + " trailing", "4")
+    assert r["format_exact"] == 0.0 and r["format_approx"] == 2.0
+    # correctness: exact 3, same number written differently 1.5, wrong or missing -0.5
+    assert reward_parts("<answer>4</answer>", "4")["correct"] == 3.0
+    assert reward_parts("<answer>4.0</answer>", "4")["correct"] == 1.5
+    assert reward_parts("<answer>$4</answer>", "4")["correct"] == 1.5
+    assert reward_parts("<answer>5</answer>", "4")["correct"] == -0.5
+    assert reward_parts("4", "4")["correct"] == -0.5
+    # number: a plain number inside the answer tags
+    assert reward_parts("<answer>-12.5</answer>", "1")["number"] == 1.5
+    assert reward_parts("<answer>12 apples</answer>", "12")["number"] == 0.0
+    # approx format: +0.5 per tag present exactly once
+    assert reward_parts("<think></think>", "1")["format_approx"] == 0.0
+    assert reward_parts("<think></think><answer>1</answer><answer>", "1")["format_approx"] == 1.0  # 3 once, 1 twice
+
+
+def test_total_reward_range_over_many_completions():
+    pieces = ["<think>", "</think>", "<answer>", "</answer>", "7", "x", " "]
+    totals = [sum(reward_parts("".join(c), "7").values()) for c in itertools.product(pieces, repeat=5)]
+    assert min(totals) >= -2.5 and max(totals) <= 9.5
+    assert max(totals) == 9.5
+
+
+def test_group_advantages():
+    adv = group_advantages(torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 0.0, 2.0]), 4)
+    assert torch.equal(adv[:4], torch.zeros(4))  # equal rewards: 0, no NaN
+    assert torch.allclose(adv[4:], torch.tensor([-1.0, 1.0, -1.0, 1.0]) / (1 + 1e-4))
+
+
+def test_grpo_loss_hand_values():
+    logp = torch.log(torch.tensor([[0.5, 0.25], [0.5, 0.5]]))
+    old = torch.log(torch.tensor([[0.25, 0.25], [0.5, 0.5]]))
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    loss, kl = grpo_loss(logp, old, adv, mask, eps=0.2)
+    # completion 0: ratios [2, 1] -> min(2*1, 1.2*1) = 1.2 and 1 -> mean 1.1; completion 1: ratio 1 -> -2
+    assert loss.item() == pytest.approx(-(1.1 + -2.0) / 2)
+    assert kl.item() == 0.0
+    ref = torch.log(torch.tensor([[0.25, 0.25], [0.5, 0.5]]))
+    loss_kl, kl = grpo_loss(logp, logp, adv, mask, eps=0.2, kl_beta=0.5, ref_logp=ref)
+    k3 = math.exp(math.log(0.5) - math.log(0.5) + math.log(0.25) - math.log(0.5)) - math.log(0.5) - 1  # = 0.5 - ln 0.5 - 1
+    assert kl.item() == pytest.approx(k3 / 3)  # one non-zero token of three
+    assert loss_kl.item() == pytest.approx(-((1 - 0.5 * k3 + 1) / 2 + -2.0) / 2)
+
+
+@pytest.mark.parametrize("defense", ["none", "kl", "persona", "interleave", "inoculate"])
+def test_two_steps_with_each_defense(defense, tiny_model, pool_file, tmp_path):
+    extra = {"none": [], "kl": [], "interleave": ["--interleave-pct", "50", "--safe-data", pool_file],
+             "inoculate": ["--inoculate"], "persona": []}[defense]
+    if defense == "persona":
+        from safetensors.torch import save_file
+
+        save_file({"vectors": torch.randn(3, 32)}, str(tmp_path / "v.safetensors"))
+        extra = ["--persona-vector", tmp_path / "v.safetensors", "--persona-layer", "1", "--persona-alpha", "5"]
+    if defense == "kl":  # start from a random adapter, so the policy differs from the reference at once
+        from test_interleave_e2e import make_adapter
+
+        extra = ["--kl-beta", "0.1", "--init-adapter", make_adapter(tiny_model, tmp_path / "init", seed=3)]
+    out = tmp_path / "run"
+    run_script("grpo.py", "--model", tiny_model, "--data", "arith", *TINY, "--max-steps", "2", "--batch-size", "4",
+               "--num-generations", "2", "--grad-accum", "2", "--max-new-tokens", "8", "--eval-n", "4", "--lr", "1e-3",
+               "--out", out, *extra)
+    m = read_metrics(out)
+    assert [x["step"] for x in m] == [1, 2]
+    for x in m:
+        assert -2.5 <= x["reward"] <= 9.5 and 0 <= x["zero_std_groups"] <= 1
+        assert {"reward/format_exact", "reward/format_approx", "reward/correct", "reward/number", "kl", "accuracy"} <= x.keys()
+    assert "heldout_accuracy" in m[-1]
+    if defense == "kl":
+        assert all(x["kl"] > 0 for x in m)
+    else:
+        assert all(x["kl"] == 0 for x in m)
+    if defense == "interleave":
+        assert all(x["loss/ce"] > 0 for x in m)  # 50%: one SFT micro-batch per two RL micro-batches
+    else:
+        assert all(x["loss/ce"] == 0 for x in m)
