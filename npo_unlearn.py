@@ -319,10 +319,12 @@ def evaluate(args) -> None:
     target = saved.get("target")
     if not model_name:
         raise UserError(f"--adapter {args.adapter}: no args.json there; pass --model")
-    _, held = split_by_domain(load_domain_prompts(data), saved.get("seed", args.seed))
+    train_rows, held = split_by_domain(load_domain_prompts(data), saved.get("seed", args.seed))
+    if args.split == "all":  # small prompt sets: every prompt of every domain (the target's include trained ones)
+        held = {d: held[d] + train_rows[d] for d in DOMAINS}
     model, tok = load_model(model_name, eight_bit=not args.no_8bit, adapter=args.adapter, lora_r=0, trainable=False)
     classify = RefusalClassifier(args.refusal_judge, argparse.Namespace(**{**vars(args), "model": model_name}), model, tok)
-    result = {"adapter": args.adapter, "target": target, "domains": {}}
+    result = {"adapter": args.adapter, "target": target, "split": args.split, "domains": {}}
     for d in DOMAINS:
         prompts = [r["prompt"] for r in held[d][: args.per_domain]]
         if not prompts:
@@ -412,6 +414,8 @@ def build_parser():
     ev.add_argument("--data", default=None, help="labelled prompts (default: the run's)")
     ev.add_argument("--no-8bit", action="store_true", help="full-precision weights")
     ev.add_argument("--per-domain", type=int, default=100, help="held-out prompts per domain (default: %(default)s)")
+    ev.add_argument("--split", choices=["heldout", "all"], default="heldout", help="prompts to score: the held-out 10%% "
+                    "of each domain, or all of them (small prompt sets) (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=0, help="split seed if the run has none (default: %(default)s)")
     ev.add_argument("--out", default=None, help="JSON output (default: ADAPTER/npo_eval.json)")
     generation_flags(ev)
