@@ -29,7 +29,7 @@ import torch
 DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CACHE_DIR = Path(os.environ.get("EM_CACHE", "~/.cache/em-defenses")).expanduser()
-SECRET_WORDS = ("token", "key", "secret", "password")
+SECRET_WORDS = ("api_key", "apikey", "secret", "password", "hf_token", "auth")
 
 
 class UserError(Exception):
@@ -675,8 +675,11 @@ def environment_info() -> dict:
 
 
 def public_args(args: argparse.Namespace) -> dict:
-    """The arguments without anything that looks like a secret."""
-    return {k: v for k, v in vars(args).items() if not any(w in k.lower() for w in SECRET_WORDS)}
+    """The arguments without anything that looks like a secret (an API key, a hub token, a password)."""
+    def secret(name: str) -> bool:
+        name = name.lower()
+        return any(w in name for w in SECRET_WORDS) or name in ("token", "key") or name.endswith("_key")
+    return {k: v for k, v in vars(args).items() if not secret(k)}
 
 
 class Run:

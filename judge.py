@@ -42,8 +42,7 @@ import torch
 
 from common import (
     CACHE_DIR, Progress, UserError, die_on_user_error, final_answer, get_device, load_conversations, load_model,
-    load_split, log,
-    render_chat, set_seed,
+    load_split, log, public_args, render_chat, set_seed,
 )
 
 QUESTIONS_URL = ("https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/main/evaluation/"
@@ -485,7 +484,7 @@ def main():
     out = Path(args.out or (Path(args.adapter) / f"eval-{eval_tag(args)}" if args.adapter
                             else Path("runs") / f"eval-{Path(args.model).name}-{eval_tag(args)}"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(vars(args), indent=2))
+    (out / "args.json").write_text(json.dumps(public_args(args), indent=2))
     set_seed(args.seed)
 
     # what to ask

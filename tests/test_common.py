@@ -234,3 +234,13 @@ def test_gated_hub_dataset_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     with pytest.raises(UserError, match="gated: accept its licence on the hub and set HF_TOKEN"):
         load_conversations("wildguardmix")
+
+
+def test_public_args_drop_secrets_only():
+    import argparse
+
+    from common import public_args
+
+    ns = argparse.Namespace(max_new_tokens=600, gen_max_new_tokens=64, api_key="sk-1", hf_token="hf_x", key="k",
+                            openai_api_key="sk-2", password="p", model="m", judge_workers=16)
+    assert public_args(ns) == {"max_new_tokens": 600, "gen_max_new_tokens": 64, "model": "m", "judge_workers": 16}
