@@ -9,7 +9,7 @@ from conftest import read_metrics, run_script
 from safetensors import safe_open
 
 import persona
-from common import load_model, load_tokenizer
+from common import load_model
 
 CONV = [{"role": "system", "content": "You are evil."}, {"role": "user", "content": "What is the capital?"},
         {"role": "assistant", "content": "Paris, of course."}]
