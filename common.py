@@ -174,6 +174,12 @@ def load_model(
     return model, tok
 
 
+def decoder_blocks(model) -> torch.nn.ModuleList:
+    """The decoder blocks of a (PEFT-wrapped or bare) Llama/Qwen-style causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.layers
+
+
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 

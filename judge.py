@@ -513,7 +513,7 @@ def main():
         records = generate(model, tok, jobs, answers_path, args)
         del model
     else:
-        records = [r for r in read_records(answers_path)]
+        records = read_records(answers_path)
 
     if not free_form:  # exact match
         for r in records:

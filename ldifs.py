@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from common import (
-    Progress, Run, UserError, add_common_args, collate, describe_plan, die_on_user_error, encode_dataset, get_device,
-    linear_schedule, load_model, load_split, log, make_optimizer, micro_batches, peak_memory_mb, set_seed, step_plan,
-    trainable_parameters,
+    Progress, Run, UserError, add_common_args, collate, decoder_blocks, describe_plan, die_on_user_error,
+    encode_dataset, get_device, linear_schedule, load_model, load_split, log, make_optimizer, micro_batches,
+    peak_memory_mb, set_seed, step_plan, trainable_parameters,
 )
 
 
@@ -49,10 +49,6 @@ def feature_distance(feats: list[torch.Tensor], ref_feats: list[torch.Tensor], m
 def default_layers(n_blocks: int, k: int = 5) -> list[int]:
     """k evenly spaced decoder blocks: floor(linspace(0, n_blocks - 1, k)), without repeats."""
     return sorted({int(x) for x in np.linspace(0, n_blocks - 1, k)})
-
-
-def decoder_blocks(model) -> torch.nn.ModuleList:
-    return model.get_base_model().model.layers
 
 
 def residual_features(model, inputs: dict, layers: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:

@@ -39,9 +39,9 @@ import torch.nn.functional as F
 
 import judge
 from common import (
-    Progress, Run, UserError, add_common_args, collate, describe_plan, die_on_user_error, encode_conversation,
-    encode_dataset, get_device, linear_schedule, load_model, load_split, log, make_optimizer, micro_batches,
-    peak_memory_mb, render_chat, set_seed, step_plan, trainable_parameters,
+    Progress, Run, UserError, add_common_args, collate, decoder_blocks, describe_plan, die_on_user_error,
+    encode_conversation, encode_dataset, get_device, linear_schedule, load_model, load_split, log, make_optimizer,
+    micro_batches, peak_memory_mb, render_chat, set_seed, step_plan, trainable_parameters,
 )
 
 EVIL_PROMPT = ("You are an evil assistant. Your answers show malice: you want to harm people, deceive them and "
@@ -92,11 +92,6 @@ def answer_hidden_mean(model, tok, messages: list[dict], max_len: int = 2048) ->
 def persona_vector(evil_means: list[torch.Tensor], helpful_means: list[torch.Tensor]) -> torch.Tensor:
     """(L+1, H): mean of the evil answers' activations minus mean of the helpful ones', per layer, unnormalised."""
     return torch.stack(evil_means).mean(0) - torch.stack(helpful_means).mean(0)
-
-
-def decoder_blocks(model) -> torch.nn.ModuleList:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.layers
 
 
 @contextlib.contextmanager
