@@ -727,8 +727,9 @@ class Run:
         return cls(out, resuming=False)
 
     def log_metrics(self, record: dict) -> None:
+        """Append one step's record, stamped with the wall-clock time (seconds since the epoch)."""
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
 
     def latest_checkpoint(self) -> Path | None:
         ckpts = sorted((self.out / "checkpoints").glob("step-*/state.pt"))

@@ -107,7 +107,7 @@ def main():
         loss = ce_sum + args.lam * kl_sum
         run.log_metrics({
             "step": step + 1, "loss": loss, "loss/ce": ce_sum, "loss/kl": kl_sum, "lr": lr, "grad_norm": float(grad_norm),
-            "tokens_per_s": n_real / dt, "padding_efficiency": n_real / n_padded, "answer_tokens": n_answer,
+            "tokens": n_real, "tokens_per_s": n_real / dt, "padding_efficiency": n_real / n_padded, "answer_tokens": n_answer,
             "epoch": epoch, "step_time_s": dt, "peak_mem_mb": peak_memory_mb(),
         })
         progress.update(step + 1, f"loss {loss:.4f} (ce {ce_sum:.4f} kl {kl_sum:.5f}) lr {lr:.2e} {n_real / dt:.0f} tok/s")

@@ -148,7 +148,7 @@ def main():
         loss = ce_sum + args.lam * dist_sum
         run.log_metrics({
             "step": step + 1, "loss": loss, "loss/ce": ce_sum, "loss/ldifs": dist_sum, "lr": lr,
-            "grad_norm": float(grad_norm), "tokens_per_s": n_tokens / dt, "padding_efficiency": n_tokens / n_padded,
+            "grad_norm": float(grad_norm), "tokens": n_tokens, "tokens_per_s": n_tokens / dt, "padding_efficiency": n_tokens / n_padded,
             "answer_tokens": n_answer, "epoch": epoch, "step_time_s": dt, "peak_mem_mb": peak_memory_mb(),
         })
         progress.update(step + 1, f"loss {loss:.4f} (ce {ce_sum:.4f} ldifs {dist_sum:.3e}) lr {lr:.2e} {n_tokens / dt:.0f} tok/s")

@@ -279,7 +279,7 @@ def train(args, parser):
         dt = time.time() - t0
         run.log_metrics({
             "step": step + 1, "loss": ce_sum, "loss/ce": ce_sum, "lr": lr, "grad_norm": float(grad_norm),
-            "tokens_per_s": n_real / dt, "padding_efficiency": n_real / n_padded, "answer_tokens": n_answer,
+            "tokens": n_real, "tokens_per_s": n_real / dt, "padding_efficiency": n_real / n_padded, "answer_tokens": n_answer,
             "epoch": epoch, "step_time_s": dt, "peak_mem_mb": peak_memory_mb(),
         })
         progress.update(step + 1, f"loss {ce_sum:.4f} lr {lr:.2e} {n_real / dt:.0f} tok/s")

@@ -1,0 +1,47 @@
+"""The benchmarks' arithmetic (no timing is asserted) and the rule that method scripts never import TRL."""
+import ast
+from pathlib import Path
+
+import pytest
+
+from bench.benchlib import after_first, last_epoch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_last_epoch_times_only_the_last_epoch_from_the_end_of_the_one_before():
+    # our scripts: 0-based int epochs; step 3 ends epoch 0 at t=30
+    ours = [{"epoch": 0, "time": 10.0 * k, "tokens": 100, "padding_efficiency": 1.0, "peak_mem_mb": 5}
+            for k in (1, 2, 3)]
+    ours += [{"epoch": 1, "time": 30.0 + 5 * k, "tokens": 50, "padding_efficiency": 0.5, "peak_mem_mb": 7}
+             for k in (1, 2)]
+    r = last_epoch(ours)
+    assert r["steps"] == 2 and r["seconds"] == pytest.approx(10.0) and r["tokens"] == 100
+    assert r["tokens_per_s"] == pytest.approx(10.0) and r["padding_efficiency"] == pytest.approx(0.5)
+    assert r["peak_mem_mb"] == 7
+    # the Trainer: fractional epochs, the last step of epoch 1 at exactly 1.0 (or a hair above)
+    trl = [{"epoch": e, "time": t, "tokens": 10, "padding_efficiency": 1.0, "peak_mem_mb": 1}
+           for e, t in [(0.5, 1.0), (1.0000000001, 2.0), (1.5, 4.0), (2.0, 6.0)]]
+    r = last_epoch(trl)
+    assert r["steps"] == 2 and r["seconds"] == pytest.approx(4.0)
+
+
+def test_last_epoch_refuses_a_single_epoch():
+    with pytest.raises(ValueError, match="one epoch"):
+        last_epoch([{"epoch": 0, "time": 1.0, "tokens": 1, "padding_efficiency": 1.0, "peak_mem_mb": 1}] * 3)
+
+
+def test_after_first_leaves_out_the_warm_up_step():
+    m = [{"time": t, "peak_mem_mb": p} for t, p in [(100.0, 1), (103.0, 4), (105.0, 2)]]
+    r = after_first(m)
+    assert r["steps"] == 2 and r["step_s"] == pytest.approx(2.5) and r["peak_mem_mb"] == 4
+
+
+def test_method_scripts_never_import_trl():
+    scripts = sorted(ROOT.glob("*.py"))
+    assert {p.name for p in scripts} >= {"common.py", "interleave.py", "grpo.py", "judge.py"}
+    for path in scripts:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "trl" or n.startswith("trl.") for n in names), f"{path.name} imports {names}"
