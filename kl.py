@@ -29,15 +29,41 @@ from common import (
 )
 
 
+class _TokenKL(torch.autograd.Function):
+    """Per-token KL(p || q) from logits z and reference log-probabilities log q, each (N, V); returns (N,).
+
+    The same value as the plain formula, with its gradient written out instead of taped: for
+    KL = sum_v p_v (log p_v - log q_v) with p = softmax(z),   dKL/dz = p * (log p - log q - KL).
+    Two (N, V) float32 buffers, updated in place, instead of the half-dozen that autograd keeps for the
+    log_softmax / exp / sub / mul chain: about 2x faster on the vocabulary-sized part of the step.
+    """
+
+    @staticmethod
+    def forward(ctx, z, ref_logp):
+        dtype = torch.promote_types(z.dtype, torch.float32)  # bf16 logits are computed on in float32
+        p = F.log_softmax(z.to(dtype), dim=-1)  # log p for now
+        d = ref_logp.to(dtype).neg().add_(p)    # log p - log q
+        p.exp_()                                # p
+        kl = torch.bmm(p.unsqueeze(1), d.unsqueeze(2)).view(-1)  # sum_v p_v d_v, no (N, V) temporary
+        ctx.save_for_backward(p, d, kl)
+        ctx.z_dtype = z.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        p, d, kl = ctx.saved_tensors
+        grad_z = d.sub_(kl[:, None]).mul_(p).mul_(grad_kl[:, None])  # p * (log p - log q - KL); d is not reused
+        return grad_z.to(ctx.z_dtype), None
+
+
 def kl_penalty(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """KL(p || p_ref) = sum_v p(v) (log p(v) - log p_ref(v)) per token, over the positions where mask is True.
 
     logits, ref_logits: (B, T, V); mask: (B, T) bool. reduction "mean" (over masked tokens) or "sum".
     Computed in float32 on the masked positions only (the full-vocabulary softmax is the costly part).
     """
-    logp = F.log_softmax(logits[mask].float(), dim=-1)
     ref_logp = F.log_softmax(ref_logits[mask].float(), dim=-1)
-    per_token = (logp.exp() * (logp - ref_logp)).sum(-1)  # Eq. 1, one value per assistant token
+    per_token = _TokenKL.apply(logits[mask], ref_logp)  # Eq. 1, one value per assistant token
     return per_token.sum() if reduction == "sum" else per_token.mean()
 
 

@@ -29,6 +29,32 @@ def test_kl_penalty_hand_values():
     assert kl_penalty(ref, logits, torch.tensor([[True, False]])).item() == pytest.approx(reverse)
 
 
+def test_kl_penalty_gradient_matches_the_taped_formula():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11, dtype=torch.float64)
+    ref = torch.randn(2, 5, 11, dtype=torch.float64)
+    mask = torch.tensor([[False, True, True, True, False], [True, True, False, False, False]])
+    weights = torch.randn(int(mask.sum()), dtype=torch.float64)  # a non-uniform upstream gradient
+
+    def taped(z):
+        logp, ref_logp = torch.log_softmax(z[mask], -1), torch.log_softmax(ref[mask], -1)
+        return (logp.exp() * (logp - ref_logp)).sum(-1)
+
+    z1 = logits.clone().requires_grad_(True)
+    (taped(z1) * weights).sum().backward()
+    from kl import _TokenKL
+    z2 = logits.clone().requires_grad_(True)
+    per_token = _TokenKL.apply(z2[mask], torch.log_softmax(ref[mask], -1))
+    (per_token * weights).sum().backward()
+    assert torch.allclose(per_token, taped(logits), atol=1e-6)
+    assert torch.allclose(z2.grad, z1.grad, atol=1e-6) and z1.grad.abs().sum() > 0
+    z3 = logits.clone().requires_grad_(True)
+    kl_penalty(z3, ref, mask, "sum").backward()
+    z4 = logits.clone().requires_grad_(True)
+    taped(z4).sum().backward()
+    assert torch.allclose(z3.grad, z4.grad, atol=1e-6)
+
+
 def test_feature_distance_hand_values():
     x = [torch.tensor([[[1.0, 2.0], [0.0, 0.0], [9.0, 9.0]]]), torch.tensor([[[0.0, 0.0], [2.0, 0.0], [9.0, 9.0]]])]
     r = [torch.zeros(1, 3, 2), torch.zeros(1, 3, 2)]
