@@ -233,7 +233,10 @@ class LocalJudge:
     """A local chat model as judge: the exact probability that its answer starts with the integer k, for every
     k in 0..100: P(k's tokens) x P(the next token does not continue the number with a digit). These 101 events
     are disjoint ("1" never counts the "1" of "10"), which matters for tokenizers that split numbers into digits.
-    All 101 candidates run in one batch that shares the prompt's KV cache."""
+
+    Two forward passes per judgment: the prompt, then all candidates at once as a prefix tree after it (each
+    distinct prefix of a candidate is one token position that sees the prompt's KV cache and its own ancestors
+    only, through a 4D attention mask), so the prompt is never copied and no prefix is computed twice."""
 
     def __init__(self, model, tok, name: str):
         self.model, self.tok, self.name = model, tok, name
@@ -243,6 +246,26 @@ class LocalJudge:
         digit = [tok.convert_tokens_to_string([p])[:1].isdigit() if p is not None else False for p in pieces]
         self.continues_number = torch.zeros(vocab, dtype=torch.bool)
         self.continues_number[: len(digit)] = torch.tensor(digit)
+        # the prefix tree: one node per distinct non-empty prefix of a candidate
+        node = {}
+        for c in self.candidates:
+            for j in range(1, len(c) + 1):
+                node.setdefault(tuple(c[:j]), len(node))
+        prefixes = sorted(node, key=node.get)
+        self.node_token = torch.tensor([p[-1] for p in prefixes])
+        self.node_depth = torch.tensor([len(p) - 1 for p in prefixes])
+        self.sees = torch.tensor([[q == p[: len(q)] for q in prefixes] for p in prefixes])  # ancestor or self
+        width = max(len(c) for c in self.candidates)
+        # token j >= 1 of candidate k is predicted at the node of its first j tokens; the end at the node of all
+        self.step_node = torch.zeros(101, width - 1, dtype=torch.long)
+        self.step_token = torch.zeros(101, width - 1, dtype=torch.long)
+        self.step_valid = torch.zeros(101, width - 1, dtype=torch.bool)
+        for k, c in enumerate(self.candidates):
+            for j in range(1, len(c)):
+                self.step_node[k, j - 1], self.step_token[k, j - 1] = node[tuple(c[:j])], c[j]
+                self.step_valid[k, j - 1] = True
+        self.first_token = torch.tensor([c[0] for c in self.candidates])
+        self.end_node = torch.tensor([node[tuple(c)] for c in self.candidates])
 
     @torch.no_grad()
     def candidate_logprobs(self, prompt: str) -> torch.Tensor:
@@ -252,22 +275,19 @@ class LocalJudge:
         ids = torch.tensor([self.tok(text, add_special_tokens=False)["input_ids"]], device=device)
         out = self.model(input_ids=ids, use_cache=True)
         first = torch.log_softmax(out.logits[0, -1].float(), -1)  # predicts each candidate's first token
-        width = max(len(c) for c in self.candidates)
-        lengths = torch.tensor([len(c) for c in self.candidates], device=device)
-        cand = torch.full((101, width), self.tok.pad_token_id, dtype=torch.long, device=device)
-        for k, c in enumerate(self.candidates):
-            cand[k, : len(c)] = torch.tensor(c)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(101)  # the prompt is computed once, shared by all candidates
-        # right padding: pads come after a candidate's tokens, so causal attention never sees them
-        logp = torch.log_softmax(self.model(input_ids=cand, past_key_values=cache, use_cache=True).logits.float(), -1)
-        # tokens 2.. of each candidate, predicted from the position before
-        token_logp = logp[:, :-1].gather(-1, cand[:, 1:, None])[..., 0]
-        valid = torch.arange(1, width, device=device)[None, :] < lengths[:, None]
-        total = first[cand[:, 0]] + (token_logp * valid).sum(1)
+        n, width = len(self.node_token), ids.shape[1]
+        dtype = out.logits.dtype if out.logits.is_floating_point() else torch.float32
+        sees = torch.cat([torch.ones(n, width, dtype=torch.bool), self.sees], 1).to(device)
+        mask = torch.zeros(1, 1, n, width + n, dtype=dtype, device=device).masked_fill_(~sees, torch.finfo(dtype).min)
+        logits = self.model(input_ids=self.node_token[None].to(device), past_key_values=out.past_key_values,
+                            position_ids=(width + self.node_depth)[None].to(device), attention_mask=mask,
+                            use_cache=True).logits[0]
+        logp = torch.log_softmax(logits.float(), -1)  # (nodes, V): the next token after each node's prefix
+        steps = logp[self.step_node.to(device), self.step_token.to(device)] * self.step_valid.to(device)
+        total = first[self.first_token.to(device)] + steps.sum(1)
         # ... and then the number ends: the next token does not start with a digit
-        after = logp[torch.arange(101, device=device), lengths - 1]
-        return total + after[:, ~self.continues_number.to(device)].logsumexp(-1)
+        ends = logp[self.end_node.to(device)][:, ~self.continues_number.to(device)].logsumexp(-1)
+        return total + ends
 
     def score_one(self, prompt: str) -> float | None:
         return score_from_candidates(self.candidate_logprobs(prompt))
