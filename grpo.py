@@ -172,6 +172,14 @@ def rollout(model, tok, questions: list[str], args, inoculate: bool, greedy: boo
     return seqs, attention, width, comp_mask, decoded
 
 
+def trim_padding(seqs, attention, n_prompt: int, comp_mask):
+    """Drop the columns that are padding in every row (left of the prompts, right of the completions) of a
+    slice of a rollout batch. Returns (seqs, attention, n_prompt, comp_mask) for the narrower window."""
+    used = attention.bool().any(0).nonzero()[:, 0]
+    lo, hi = int(used[0]), max(int(used[-1]) + 1, n_prompt + 1)
+    return seqs[:, lo:hi], attention[:, lo:hi], n_prompt - lo, comp_mask[:, : hi - n_prompt]
+
+
 @torch.no_grad()
 def heldout_accuracy(model, tok, held: list, args) -> float:
     model.eval()
@@ -263,25 +271,32 @@ def main():
         t0 = time.time()
         parts_sum, n_comp, n_correct, zero_std, n_groups = {}, 0, 0, 0, 0
         loss_sum, kl_sum, ce_sum, comp_len = 0.0, 0.0, 0.0, 0
+        # Rollouts for the whole step in one generate call (batched decoding is most of a step's time), then
+        # the update micro-batch by micro-batch.
+        first = step * args.grad_accum * per_micro
+        questions = [train[i] for i in order[first : first + args.grad_accum * per_micro]]
+        model.eval()
+        with steered():
+            seqs_all, attention_all, width, comp_mask_all, texts = rollout(
+                model, tok, [c[0]["content"] for c in questions], args, inoculate=args.inoculate)
+        model.train()
+        refs = [reference(c) for c in questions for _ in range(args.num_generations)]
+        parts_all = [reward_parts(t, r) for t, r in zip(texts, refs)]
+        rewards_all = torch.tensor([sum(p.values()) for p in parts_all], device=device)
+        adv_all = group_advantages(rewards_all, args.num_generations)  # completions are ordered group by group
         for micro in range(args.grad_accum):
             k = step * args.grad_accum + micro
-            questions = [train[i] for i in order[k * per_micro : (k + 1) * per_micro]]
-            model.eval()
-            with steered():
-                seqs, attention, width, comp_mask, texts = rollout(
-                    model, tok, [c[0]["content"] for c in questions], args, inoculate=args.inoculate)
-            model.train()
-            refs = [reference(c) for c in questions for _ in range(args.num_generations)]
-            parts = [reward_parts(t, r) for t, r in zip(texts, refs)]
-            rewards = torch.tensor([sum(p.values()) for p in parts], device=device)
-            adv = group_advantages(rewards, args.num_generations)
+            rows = slice(micro * args.batch_size, (micro + 1) * args.batch_size)
+            seqs, attention, n_prompt, comp_mask = trim_padding(seqs_all[rows], attention_all[rows], width,
+                                                                comp_mask_all[rows])
+            parts, rewards, adv = parts_all[rows], rewards_all[rows], adv_all[rows]
             # --- the GRPO update (one pass: the rollout policy is the current one) --------------------------
             with steered():
-                logp = token_logp(model, seqs, attention, width)
+                logp = token_logp(model, seqs, attention, n_prompt)
             ref_logp = None
             if args.kl_beta > 0:
                 with torch.no_grad(), model.disable_adapter():
-                    ref_logp = token_logp(model, seqs, attention, width)
+                    ref_logp = token_logp(model, seqs, attention, n_prompt)
             mask = comp_mask.float()
             loss, kl = grpo_loss(logp, logp.detach(), adv, mask, args.clip_eps, args.kl_beta, ref_logp)
             (loss / args.grad_accum).backward()

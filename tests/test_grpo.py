@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import read_metrics, run_script
 
-from grpo import group_advantages, grpo_loss, reward_parts
+from grpo import group_advantages, grpo_loss, reward_parts, trim_padding
 
 TINY = ["--no-8bit", "--lora-r", "4", "--lora-alpha", "8", "--max-len", "256"]
 PERFECT = "<think>\n2 + 2 = 4\n</think>\n<answer>\n4\n</answer>"
@@ -100,3 +100,18 @@ def test_two_steps_with_each_defense(defense, tiny_model, pool_file, tmp_path):
         assert all(x["loss/ce"] > 0 for x in m)  # 50%: one SFT micro-batch per two RL micro-batches
     else:
         assert all(x["loss/ce"] == 0 for x in m)
+
+
+def test_trim_padding_keeps_every_real_token():
+    # 2 rows of a rollout batch: prompts left-padded to width 4, completions right-padded to 4
+    attention = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0],
+                              [0, 1, 1, 1, 1, 0, 0, 0]])
+    seqs = torch.arange(16).view(2, 8) * attention
+    comp = attention[:, 4:].bool()
+    s, a, n_prompt, c = trim_padding(seqs, attention, 4, comp)
+    assert n_prompt == 3 and a.shape == (2, 5) and c.shape == (2, 2)
+    assert s.sum() == seqs.sum() and a.sum() == attention.sum() and c.sum() == comp.sum()
+    assert s[0].tolist() == [0, 2, 3, 4, 5] and c[0].tolist() == [True, True]
+    # a row of one-token completions keeps its completion column
+    s, a, n_prompt, c = trim_padding(seqs[1:], attention[1:], 4, comp[1:])
+    assert n_prompt == 3 and c.tolist() == [[True]]
