@@ -53,3 +53,25 @@ def after_first(metrics: list[dict]) -> dict:
     seconds = metrics[-1]["time"] - metrics[0]["time"]
     return {"steps": len(metrics) - 1, "seconds": seconds, "step_s": seconds / (len(metrics) - 1),
             "peak_mem_mb": max(m["peak_mem_mb"] for m in metrics)}
+
+
+def matmul_params(config) -> int:
+    """Weights every token multiplies through: the decoder blocks' linear layers and the output head."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    per_block = 2 * h * h + 2 * h * kv + 3 * h * i  # q and o, k and v, gate/up/down
+    return layers * per_block + h * config.vocab_size
+
+
+def lora_sft_flops_per_token(model: str) -> float:
+    """Model FLOPs of one LoRA SFT token: 2P forward + 2P backward to the activations (the frozen weights get
+    no gradient), P = matmul_params; attention scores and the small LoRA matrices are left out."""
+    from transformers import AutoConfig
+
+    from common import resolve_model
+
+    return 4.0 * matmul_params(AutoConfig.from_pretrained(resolve_model(model)))
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops: float) -> float:
+    return tokens_per_s * flops_per_token / (peak_tflops * 1e12)

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.benchlib import ROOT, read_metrics, run_logged  # noqa: E402
+from bench.benchlib import ROOT, lora_sft_flops_per_token, mfu, read_metrics, run_logged  # noqa: E402
 
 
 def random_persona_vector(model: str, path: Path) -> int:
@@ -61,6 +61,8 @@ def main():
     p.add_argument("--max-len", type=int, default=1024, help="(default: %(default)s)")
     p.add_argument("--no-8bit", action="store_true", help="full-precision weights")
     p.add_argument("--only", default=None, help="comma-separated subset of: sft,kl,ldifs,persona,inoculation,interleave")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense bf16 TFLOP/s; prints each "
+                   "run's SFT-equivalent MFU (a defense's extra passes count as overhead, not as work)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
     common = ["--model", args.model, "--data", args.data, "--max-steps", args.steps, "--batch-size", args.batch_size,
@@ -87,9 +89,13 @@ def main():
     print(f"model {args.model} ({'full precision' if args.no_8bit else '8-bit'}), data {args.data}, batch "
           f"{args.batch_size} x {args.grad_accum}, {args.steps} steps (the first is warm-up)")
     print(f"{'method':<14} {'step s':>7} {'x SFT':>6} {'tok/s':>7} {'peak MB':>8} {'x SFT':>6}")
+    flops = lora_sft_flops_per_token(args.model)
     for name, r in rows.items():
+        if args.peak_tflops:
+            r["mfu"] = mfu(r["tokens_per_s"], flops, args.peak_tflops)
         print(f"{name:<14} {r['step_s']:7.3f} {r['step_s'] / base['step_s']:6.2f} {r['tokens_per_s']:7.0f} "
-              f"{r['peak_mem_mb']:8.0f} {r['peak_mem_mb'] / base['peak_mem_mb']:6.2f}")
+              f"{r['peak_mem_mb']:8.0f} {r['peak_mem_mb'] / base['peak_mem_mb']:6.2f}"
+              + (f"  MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2, default=str))
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.benchlib import ROOT, last_epoch, read_metrics, run_logged  # noqa: E402
+from bench.benchlib import ROOT, last_epoch, lora_sft_flops_per_token, mfu, read_metrics, run_logged  # noqa: E402
 
 
 def trl_worker(args) -> None:
@@ -101,6 +101,8 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--no-8bit", action="store_true", help="full-precision weights")
     p.add_argument("--trl-gc", action="store_true", help="also run TRL with its default gradient checkpointing")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense bf16 TFLOP/s (H100 SXM: "
+                   "989); prints model FLOPs utilisation (MFU) of each trainer")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -126,9 +128,14 @@ def main():
           f"{args.batch_size} x {args.grad_accum}, lr {args.lr}, timed over epoch {args.epochs} of {args.epochs}")
     print(f"{'trainer':<16} {'steps':>5} {'seconds':>8} {'real tok':>9} {'tok/s':>8} {'ours/x':>7} {'pad eff':>7} "
           f"{'peak MB':>8}")
+    flops = lora_sft_flops_per_token(args.model)
     for name, r in rows.items():
+        if args.peak_tflops:
+            r["mfu"] = mfu(r["tokens_per_s"], flops, args.peak_tflops)
         print(f"{name:<16} {r['steps']:5d} {r['seconds']:8.1f} {r['tokens']:9d} {r['tokens_per_s']:8.1f} "
-              f"{ours['tokens_per_s'] / r['tokens_per_s']:6.2f}x {r['padding_efficiency']:7.3f} {r['peak_mem_mb']:8.0f}")
+              f"{ours['tokens_per_s'] / r['tokens_per_s']:6.2f}x {r['padding_efficiency']:7.3f} {r['peak_mem_mb']:8.0f}"
+              + (f"  MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""))
+    print(f"model FLOPs per real token (LoRA SFT, 4 x matmul weights): {flops / 1e9:.2f} GFLOP")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
 

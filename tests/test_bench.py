@@ -3,6 +3,7 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.benchlib import after_first, last_epoch
 
@@ -45,3 +46,14 @@ def test_method_scripts_never_import_trl():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "trl" or n.startswith("trl.") for n in names), f"{path.name} imports {names}"
+
+
+def test_matmul_params_counts_every_linear_weight_a_token_goes_through(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from bench.benchlib import lora_sft_flops_per_token, matmul_params
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert matmul_params(model.config) == linear  # blocks + output head (tied or not, it is multiplied through)
+    assert lora_sft_flops_per_token(str(tiny_model)) == 4 * linear
