@@ -471,6 +471,20 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+@torch.no_grad()
+def generate_texts(model, tok, conversations: list[list[dict]], **generate_kwargs) -> list[str]:
+    """One batched `model.generate` call: every conversation rendered with the generation prompt, left-padded
+    (the tokenizer's padding side is put back afterwards), KV cache on. Returns each new text, stripped."""
+    texts = [render_chat(tok, c, add_generation_prompt=True) for c in conversations]
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(get_device())
+    finally:
+        tok.padding_side = side
+    out = model.generate(**enc, pad_token_id=tok.pad_token_id, **generate_kwargs)
+    return [tok.decode(seq, skip_special_tokens=True).strip() for seq in out[:, enc["input_ids"].shape[1]:]]
+
+
 def encode_conversation(tokenizer, messages: list[dict], max_len: int) -> dict:
     """Token ids and labels for one conversation; labels are -100 everywhere but on assistant tokens.
 

@@ -49,9 +49,9 @@ import torch.nn.functional as F
 
 from common import (
     CACHE_DIR, Progress, Run, UserError, add_common_args, collate, describe_plan, die_on_user_error, encode_dataset,
-    file_digest, get_device, linear_schedule, load_conversations, load_model, load_split, load_tokenizer, log,
-    make_optimizer, micro_batches, peak_memory_mb, read_jsonl, render_chat, set_seed, step_plan, trainable_parameters,
-    write_jsonl,
+    file_digest, generate_texts, get_device, linear_schedule, load_conversations, load_model, load_split,
+    load_tokenizer, log, make_optimizer, micro_batches, peak_memory_mb, read_jsonl, set_seed, step_plan,
+    trainable_parameters, write_jsonl,
 )
 
 REFUSAL_KEYWORDS = ("sorry", "apologize", "apologise", "cannot", "can't", "can not", "unable", "i won't",
@@ -205,29 +205,23 @@ def generate_on_policy(model, tok, pool: list[list[dict]], n: int, args, rng: np
     """On-policy Interleaving: random pool prompts answered by the base model (adapter disabled), in
     left-padded batches with the KV cache. With --filter-refusals, refusing answers are dropped and more
     prompts are drawn until n answers are kept or the pool runs out."""
-    device = get_device()
     prompts = []
     for i in rng.permutation(len(pool)):
         conv = pool[i]
         first_answer = next(j for j, m in enumerate(conv) if m["role"] == "assistant")
         prompts.append(conv[:first_answer])
-    tok.padding_side = "left"
     kept, tried = [], 0
     progress = Progress(n, 0, "on-policy answers")
     model.eval()
     while len(kept) < n and tried < len(prompts):
         chunk = prompts[tried : tried + args.gen_batch_size]
         tried += len(chunk)
-        texts = [render_chat(tok, p, add_generation_prompt=True) for p in chunk]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with model.disable_adapter():
-            out = model.generate(**enc, max_new_tokens=args.gen_max_new_tokens, do_sample=True, pad_token_id=tok.pad_token_id)
-        for p, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
-            answer = tok.decode(seq, skip_special_tokens=True).strip()
+            answers = generate_texts(model, tok, chunk, max_new_tokens=args.gen_max_new_tokens, do_sample=True)
+        for p, answer in zip(chunk, answers):
             if answer and not (args.filter_refusals and is_refusal(answer)) and len(kept) < n:
                 kept.append(p + [{"role": "assistant", "content": answer}])
         progress.update(len(kept), f"({tried} prompts)")
-    tok.padding_side = "right"
     model.train()
     if len(kept) < n:
         log(f"on-policy: only {len(kept)} usable answers from {len(prompts)} pool prompts (wanted {n})")

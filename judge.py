@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from common import (
-    CACHE_DIR, Progress, UserError, die_on_user_error, final_answer, get_device, load_conversations, load_model,
+    CACHE_DIR, Progress, UserError, die_on_user_error, final_answer, generate_texts, load_conversations, load_model,
     load_split, log, public_args, render_chat, set_seed,
 )
 
@@ -396,18 +396,15 @@ def generate(model, tok, jobs: list[dict], out_path: Path, args) -> list[dict]:
             {"role": "user", "content": j["question"]}]
     texts = {id(j): render_chat(tok, messages(j), add_generation_prompt=True) for j in todo}
     todo.sort(key=lambda j: -len(texts[id(j)]))
-    tok.padding_side = "left"
-    device = get_device()
     progress = Progress(len(jobs), len(jobs) - len(todo), "answers")
     for start in range(0, len(todo), args.gen_batch_size):
         chunk = todo[start : start + args.gen_batch_size]
-        enc = tok([texts[id(j)] for j in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                             temperature=args.temperature if args.temperature > 0 else None, top_p=1.0, top_k=0,
-                             repetition_penalty=1.0, pad_token_id=tok.pad_token_id)  # plain sampling, as Betley et al.
+        answers = generate_texts(model, tok, [messages(j) for j in chunk], max_new_tokens=args.max_new_tokens,
+                                 do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0
+                                 else None, top_p=1.0, top_k=0, repetition_penalty=1.0)  # plain sampling, as Betley et al.
         with open(out_path, "a") as f:
-            for j, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
-                rec = dict(j, answer=tok.decode(seq, skip_special_tokens=True).strip())
+            for j, answer in zip(chunk, answers):
+                rec = dict(j, answer=answer)
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         progress.update(len(jobs) - len(todo) + start + len(chunk))
     keys = {(j["qid"], j["question"], j["sample"]) for j in jobs}

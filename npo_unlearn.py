@@ -43,9 +43,9 @@ import torch.nn.functional as F
 
 import judge
 from common import (
-    Progress, Run, UserError, add_common_args, collate, describe_plan, die_on_user_error, encode_dataset, get_device,
-    linear_schedule, load_model, log, make_optimizer, micro_batches, peak_memory_mb, read_jsonl, render_chat,
-    set_seed, split_train_eval, step_plan, trainable_parameters, write_jsonl,
+    Progress, Run, UserError, add_common_args, collate, describe_plan, die_on_user_error, encode_dataset,
+    generate_texts, get_device, linear_schedule, load_model, log, make_optimizer, micro_batches, peak_memory_mb,
+    read_jsonl, render_chat, set_seed, split_train_eval, step_plan, trainable_parameters, write_jsonl,
 )
 
 DOMAINS = ["cybersecurity", "safety", "toxicity", "bias", "sensitive_content", "medical_legal", "privacy"]
@@ -175,23 +175,18 @@ class RefusalClassifier:
 @torch.no_grad()
 def generate_answers(model, tok, prompts: list[str], args, adapter_on: bool = True) -> list[str]:
     """Greedy answers, left-padded batches with the KV cache; adapter_on=False answers with the base model."""
-    tok.padding_side = "left"
-    device = get_device()
     answers = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     progress = Progress(len(prompts), 0, "answers")
     for start in range(0, len(order), args.gen_batch_size):
         idx = order[start : start + args.gen_batch_size]
-        texts = [render_chat(tok, [{"role": "user", "content": prompts[i]}], add_generation_prompt=True) for i in idx]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         ctx = model.disable_adapter() if (not adapter_on and hasattr(model, "disable_adapter")) else contextlib.nullcontext()
         with ctx:
-            out = model.generate(**enc, max_new_tokens=args.gen_max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        for i, seq in zip(idx, out[:, enc["input_ids"].shape[1]:]):
-            answers[i] = tok.decode(seq, skip_special_tokens=True).strip()
+            out = generate_texts(model, tok, [[{"role": "user", "content": prompts[i]}] for i in idx],
+                                 max_new_tokens=args.gen_max_new_tokens, do_sample=False)
+        for i, answer in zip(idx, out):
+            answers[i] = answer
         progress.update(min(start + len(idx), len(order)))
-    tok.padding_side = "right"
     return answers
 
 

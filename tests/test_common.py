@@ -244,3 +244,17 @@ def test_public_args_drop_secrets_only():
     ns = argparse.Namespace(max_new_tokens=600, gen_max_new_tokens=64, api_key="sk-1", hf_token="hf_x", key="k",
                             openai_api_key="sk-2", password="p", model="m", judge_workers=16)
     assert public_args(ns) == {"max_new_tokens": 600, "gen_max_new_tokens": 64, "model": "m", "judge_workers": 16}
+
+
+def test_generate_texts_left_pads_a_batch_like_single_prompts(tiny_model):
+    from common import generate_texts
+
+    model, tok = load_model(str(tiny_model), eight_bit=False, lora_r=0, trainable=False)
+    convs = [[{"role": "user", "content": "hi"}],
+             [{"role": "user", "content": "a much longer question about bread, cheese and the capital of France"}]]
+    tok.padding_side = "right"
+    batched = generate_texts(model, tok, convs, max_new_tokens=6, do_sample=False)
+    assert tok.padding_side == "right"  # put back
+    alone = [generate_texts(model, tok, [c], max_new_tokens=6, do_sample=False)[0] for c in convs]
+    assert batched == alone and all(isinstance(a, str) for a in batched)
+    assert any(batched)  # the tiny model says something
