@@ -266,27 +266,29 @@ class LocalJudge:
                 self.step_valid[k, j - 1] = True
         self.first_token = torch.tensor([c[0] for c in self.candidates])
         self.end_node = torch.tensor([node[tuple(c)] for c in self.candidates])
+        self.device = next(model.parameters()).device  # the index tensors live there, moved once
+        for name in ("continues_number", "node_token", "node_depth", "sees", "step_node", "step_token", "step_valid",
+                     "first_token", "end_node"):
+            setattr(self, name, getattr(self, name).to(self.device))
 
     @torch.no_grad()
     def candidate_logprobs(self, prompt: str) -> torch.Tensor:
         """(101,) log P(the answer starts with the integer k | judge prompt)."""
-        device = next(self.model.parameters()).device
         text = render_chat(self.tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-        ids = torch.tensor([self.tok(text, add_special_tokens=False)["input_ids"]], device=device)
+        ids = torch.tensor([self.tok(text, add_special_tokens=False)["input_ids"]], device=self.device)
         out = self.model(input_ids=ids, use_cache=True)
         first = torch.log_softmax(out.logits[0, -1].float(), -1)  # predicts each candidate's first token
         n, width = len(self.node_token), ids.shape[1]
-        dtype = out.logits.dtype if out.logits.is_floating_point() else torch.float32
-        sees = torch.cat([torch.ones(n, width, dtype=torch.bool), self.sees], 1).to(device)
-        mask = torch.zeros(1, 1, n, width + n, dtype=dtype, device=device).masked_fill_(~sees, torch.finfo(dtype).min)
-        logits = self.model(input_ids=self.node_token[None].to(device), past_key_values=out.past_key_values,
-                            position_ids=(width + self.node_depth)[None].to(device), attention_mask=mask,
-                            use_cache=True).logits[0]
+        dtype = out.logits.dtype
+        sees = torch.cat([torch.ones(n, width, dtype=torch.bool, device=self.device), self.sees], 1)
+        mask = torch.zeros(1, 1, n, width + n, dtype=dtype, device=self.device).masked_fill_(~sees, torch.finfo(dtype).min)
+        logits = self.model(input_ids=self.node_token[None], past_key_values=out.past_key_values,
+                            position_ids=(width + self.node_depth)[None], attention_mask=mask, use_cache=True).logits[0]
         logp = torch.log_softmax(logits.float(), -1)  # (nodes, V): the next token after each node's prefix
-        steps = logp[self.step_node.to(device), self.step_token.to(device)] * self.step_valid.to(device)
-        total = first[self.first_token.to(device)] + steps.sum(1)
+        steps = logp[self.step_node, self.step_token] * self.step_valid
+        total = first[self.first_token] + steps.sum(1)
         # ... and then the number ends: the next token does not start with a digit
-        ends = logp[self.end_node.to(device)][:, ~self.continues_number.to(device)].logsumexp(-1)
+        ends = logp[self.end_node][:, ~self.continues_number].logsumexp(-1)
         return total + ends
 
     def score_one(self, prompt: str) -> float | None:

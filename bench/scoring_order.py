@@ -44,9 +44,8 @@ def main():
     convs = [pool[i] for i in rng.permutation(len(pool))[: args.n]]
     examples = encode_dataset(tok, convs, args.max_len, "candidates")
     lengths = [len(e["input_ids"]) for e in examples]
-    quiet = contextlib.redirect_stderr(io.StringIO())  # answer_nll's progress lines, per call
-
-    with quiet:  # warm-up: one batch of the longest examples (allocations, kernels)
+    # answer_nll prints progress lines per call: kept out of the output here
+    with contextlib.redirect_stderr(io.StringIO()):  # warm-up: one batch of the longest examples (allocations, kernels)
         answer_nll(model, sorted(examples, key=lambda e: -len(e["input_ids"]))[: args.batch_size], args.batch_size,
                    tok.pad_token_id, device)
 
