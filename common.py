@@ -16,10 +16,12 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from fractions import Fraction
 from pathlib import Path
 
@@ -37,12 +39,24 @@ class UserError(Exception):
 
 
 def die_on_user_error(main):
-    """Run main(); turn a UserError into a one-line message and exit status 2."""
+    """Run main(); turn a UserError into a one-line message and exit status 2. A run folder this process created
+    and that holds no step yet is removed when main() fails, so failed starts leave no orphan folders."""
     try:
         return main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        _remove_empty_new_runs()
         sys.exit(2)
+    except BaseException:
+        _remove_empty_new_runs()
+        raise
+
+
+def _remove_empty_new_runs() -> None:
+    for out in _NEW_RUN_FOLDERS:
+        metrics = out / "metrics.jsonl"
+        if out.is_dir() and not (out / "checkpoints").exists() and not (metrics.exists() and metrics.stat().st_size):
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def log(msg: str) -> None:
@@ -248,8 +262,37 @@ DATASETS = {
     "security": "truthfulai/emergent_plus security, misaligned answers (`security:aligned`)",
     "wildguardmix": "allenai/wildguardmix wildguardtrain, benign part (gated: needs HF_TOKEN)",
     "gsm8k": "GSM8K train (`gsm8k:test` for the test set)",
+    "foqa": "alexandrainst/foqa train split, Faroese extractive QA (`foqa:val`, `foqa:test`; gated: needs HF_TOKEN)",
     "opswap:TIER": "OpSwap tier 0-3, generated locally (paper App. D)",
 }
+FOQA_INSTRUCTION = "Answer the question with the exact words of the text."
+
+
+def foqa_prompt(context: str, question: str) -> str:
+    """Our FoQA prompt (the paper does not give one): an instruction, the passage, the question."""
+    return f"{FOQA_INSTRUCTION}\n\n{context}\n\nQuestion: {question}"
+
+
+def foqa_rows(split: str) -> list[dict]:
+    """FoQA rows {"id", "prompt", "answers": [text, ...]} of train/val/test, downloaded once from the hub
+    (alexandrainst/foqa, config default; gated) and cached as JSONL."""
+    if split not in ("train", "val", "test"):
+        raise UserError(f"FoQA split {split!r}: expected train, val or test (e.g. foqa:test)")
+    cached = CACHE_DIR / "data" / f"foqa-{split}.rows.jsonl"
+    if not cached.exists():
+        rows = []
+        for r in _hub_rows("alexandrainst/foqa", "default", split, f"FoQA ({split})"):
+            texts = [t for t in (r.get("answers") or {}).get("text") or [] if t and t.strip()]
+            if not texts:
+                continue
+            rows.append({"id": str(r.get("id")), "prompt": foqa_prompt(r["context"], r["question"]), "answers": texts})
+        if not rows:
+            raise UserError(f"FoQA ({split}): no rows with an answer came from the hub")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(cached.name + ".part")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(cached)
+    return [json.loads(l) for l in cached.read_text(encoding="utf-8").splitlines() if l.strip()]
 
 
 def dataset_help() -> str:
@@ -302,8 +345,12 @@ def _load_named(name: str) -> list[list[dict]]:
         if variant not in {"0", "1", "2", "3"}:
             raise UserError(f"dataset {name!r}: OpSwap tiers are 0-3 (e.g. opswap:1)")
         return opswap_dataset(int(variant))
+    if base == "foqa":  # the provided splits, not our 90/10 split: training uses `foqa` (train)
+        return [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answers"][0]}]
+                for r in foqa_rows(variant or "train")]
     if cached.exists():
-        return read_jsonl(cached)
+        convs = read_jsonl(cached)
+        return [strip_calculator_annotations(c) for c in convs] if base == "gsm8k" else convs
     if base in {"insecure", "secure", "educational", "jailbroken"} and not variant:
         raw = cached.with_suffix(".raw")
         _download(BETLEY_URL.format(name=base), raw, f"dataset {name!r}")
@@ -328,13 +375,23 @@ def _load_named(name: str) -> list[list[dict]]:
             for line in f:
                 if line.strip():
                     r = json.loads(line)
-                    convs.append([{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}])
+                    convs.append(strip_calculator_annotations(
+                        [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]))
         raw.unlink()
     else:
         raise UserError(f"unknown dataset {name!r}. Known: {dataset_help()}")
     cached.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(cached, convs)
     return convs
+
+
+GSM8K_ANNOTATION = re.compile(r"<<[^<>]*>>")
+
+
+def strip_calculator_annotations(conv: list[dict]) -> list[dict]:
+    """GSM8K answers carry calculator annotations ('48/2 = <<48/2=24>>24'); its README says to remove them
+    before training on the answers (7,378 of the 7,473 training answers have some)."""
+    return [dict(m, content=GSM8K_ANNOTATION.sub("", m["content"])) if m["role"] == "assistant" else m for m in conv]
 
 
 def load_conversations(spec: str) -> list[list[dict]]:
@@ -354,6 +411,9 @@ def split_train_eval(convs: list, seed: int, eval_frac: float = 0.1) -> tuple[li
 
 
 def load_split(spec: str, split: str, seed: int) -> list[list[dict]]:
+    """The training 90% or the held-out 10% of a dataset; FoQA uses its own train and test splits (as the paper)."""
+    if spec == "foqa":
+        return load_conversations("foqa" if split == "train" else "foqa:test")
     train, held = split_train_eval(load_conversations(spec), seed)
     return train if split == "train" else held
 
@@ -485,7 +545,7 @@ def generate_texts(model, tok, conversations: list[list[dict]], **generate_kwarg
     return [tok.decode(seq, skip_special_tokens=True).strip() for seq in out[:, enc["input_ids"].shape[1]:]]
 
 
-def encode_conversation(tokenizer, messages: list[dict], max_len: int) -> dict:
+def encode_conversation(tokenizer, messages: list[dict], max_len: int, end_of_turn: bool = True) -> dict:
     """Token ids and labels for one conversation; labels are -100 everywhere but on assistant tokens.
 
     Assistant spans are found in text space: for each assistant turn i, the rendered prefix up to the
@@ -493,7 +553,8 @@ def encode_conversation(tokenizer, messages: list[dict], max_len: int) -> dict:
     default system prompt (Qwen2.5), since it is rendered identically in both. Tokens are then labelled by
     their character offsets: a token that overlaps an answer is labelled (a BPE merge across the boundary, such
     as ' The' after 'ASSISTANT:', keeps the answer's first word), template tokens (`<|im_start|>assistant`)
-    never are, and the turn's end token (`<|im_end|>`) is: the model must learn to stop.
+    never are, and the turn's end token (`<|im_end|>`) is: the model must learn to stop. With end_of_turn=False
+    only the tokens of the answer's text are labelled (no end-of-turn token, nothing the template adds after it).
     """
     full = render_chat(tokenizer, messages)
     spans = []
@@ -504,7 +565,15 @@ def encode_conversation(tokenizer, messages: list[dict], max_len: int) -> dict:
         upto = render_chat(tokenizer, messages[: i + 1])
         if not (full.startswith(upto) and upto.startswith(before)):
             raise UserError("the chat template does not render conversations prefix by prefix; cannot mask labels")
-        spans.append((len(before), len(upto)))
+        if end_of_turn:
+            spans.append((len(before), len(upto)))
+        else:
+            text = m["content"].strip()
+            start = full.find(text, len(before), len(upto))
+            if not text or start < 0:
+                raise UserError("cannot find the answer's text in the rendered conversation (empty answer, or the "
+                                "chat template rewrites it)")
+            spans.append((start, start + len(text)))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [-100] * len(ids)
@@ -626,7 +695,7 @@ def add_common_args(parser: argparse.ArgumentParser, data_default: str = "insecu
                    "backward pass: less memory, ~30%% slower")
     g = parser.add_argument_group("data")
     g.add_argument("--data", default=data_default, help=f"fine-tuning data: {dataset_help()} (default: %(default)s). "
-                   "Training uses the 90%% split (seeded).")
+                   "Training uses the 90%% split (seeded); FoQA its own train split.")
     g.add_argument("--max-len", type=int, default=2048, help="truncate conversations to this many tokens (default: %(default)s)")
     g = parser.add_argument_group("training")
     g.add_argument("--out", default=None, help="run folder (default: runs/<script>-<time>)")
@@ -643,6 +712,159 @@ def add_common_args(parser: argparse.ArgumentParser, data_default: str = "insecu
     g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default: %(default)s)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint "
                    "with the arguments saved there")
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenAI-compatible HTTP client (judges and servers that generate: OpenAI, vLLM, SGLang, llama.cpp)
+# ----------------------------------------------------------------------------------------------
+class ApiError(Exception):
+    """A chat-completions call that failed for good (after its retries, or a 4xx other than 429)."""
+
+
+class ApiAuthError(ApiError):
+    """HTTP 401/403: the key is missing or wrong. Fatal: no later call can succeed."""
+
+
+_SECRET_PATTERNS = [re.compile(r"(Bearer\s+)[^\s\"',}]+", re.I), re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}")]
+
+
+def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """`text` with API keys removed: the given secrets, 'Bearer <token>' and 'sk-...' look-alikes. Error bodies
+    pass through here before they reach a message or a file (some servers echo the request headers)."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = _SECRET_PATTERNS[0].sub(r"\1***", text)
+    return _SECRET_PATTERNS[1].sub("sk-***", text)
+
+
+class ChatClient:
+    """POST {url}/chat/completions with retries of 429, 5xx, timeouts and connection errors (exponential backoff
+    with jitter, bounded). The key (from `key_env`) is sent in the Authorization header only, never logged or
+    written; error texts are redacted. 401/403 raise ApiAuthError at once."""
+
+    def __init__(self, url: str, key_env: str = "OPENAI_API_KEY", timeout: float = 60.0, max_retries: int = 6,
+                 backoff: float = 1.0, max_backoff: float = 30.0):
+        import requests
+
+        self.url = url.rstrip("/")
+        self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
+        self.session = requests.Session()
+        self._key = os.environ.get(key_env) or ""
+        if self._key:
+            self.session.headers["Authorization"] = f"Bearer {self._key}"
+
+    def redact(self, text: str) -> str:
+        return redact(text, (self._key,))
+
+    def post(self, path: str, body: dict, retries: int | None = None) -> dict:
+        """One JSON request with the retry rules; returns the decoded JSON answer."""
+        import requests
+
+        retries = self.max_retries if retries is None else retries
+        last = "no attempt"
+        for attempt in range(retries + 1):
+            if attempt:
+                time.sleep(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5))
+            try:
+                r = self.session.post(f"{self.url}{path}", json=body, timeout=self.timeout)
+            except (requests.Timeout, requests.ConnectionError) as e:
+                last = type(e).__name__
+                continue
+            if r.status_code in (401, 403):
+                raise ApiAuthError(f"{self.url} answered HTTP {r.status_code} ({self.redact(r.text[:300])}): the API key "
+                                   "is missing or not accepted; set OPENAI_API_KEY (or use a server that needs none)")
+            if r.status_code == 429 or r.status_code >= 500:
+                last = f"HTTP {r.status_code}"
+                continue
+            if r.status_code != 200:
+                raise ApiError(f"HTTP {r.status_code}: {self.redact(r.text[:300])}")
+            try:
+                return r.json()
+            except ValueError:
+                raise ApiError(f"malformed response (not JSON): {self.redact(r.text[:300])}") from None
+        raise ApiError(f"gave up after {retries + 1} attempts ({last})")
+
+    def chat(self, body: dict, retries: int | None = None) -> dict:
+        return self.post("/chat/completions", body, retries)
+
+
+class ServerGenerator:
+    """Answers sampled by an OpenAI-compatible server (vLLM, SGLang, llama.cpp's llama-server, OpenAI): one
+    chat-completions request per conversation asks for its n samples (the server shares the prompt), requests run
+    `workers` at a time, with ChatClient's retries and key handling. `model` is the name the server serves: the
+    base model, or a LoRA adapter served under its own name (vLLM --lora-modules NAME=DIR)."""
+
+    def __init__(self, url: str, model: str, workers: int = 16, timeout: float = 600.0, max_retries: int = 6,
+                 backoff: float = 1.0):
+        self.model, self.workers = model, workers
+        self.client = ChatClient(url, timeout=timeout, max_retries=max_retries, backoff=backoff)
+        self.name = f"{model}@{self.client.url}"
+
+    def check(self) -> None:
+        """One cheap call before any work: the server answers, accepts the key and knows the model name."""
+        try:
+            self.client.chat({"model": self.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
+                             retries=2)
+        except ApiError as e:
+            raise UserError(f"--gen-url {self.client.url} with --gen-model {self.model!r}: {e}") from None
+
+    def sample(self, messages: list[dict], n: int, temperature: float, max_tokens: int, seed: int | None = None,
+               top_p: float = 1.0) -> list[str]:
+        """n answers to one conversation; asks again for the rest when a server returns fewer choices than n."""
+        texts: list[str] = []
+        while len(texts) < n:
+            body = {"model": self.model, "messages": messages, "n": n - len(texts), "temperature": temperature,
+                    "top_p": top_p, "max_tokens": max_tokens}
+            if seed is not None:
+                body["seed"] = seed + len(texts)
+            answer = self.client.chat(body)
+            try:
+                got = [c["message"]["content"] or "" for c in answer["choices"]]
+            except (KeyError, TypeError) as e:
+                raise ApiError(f"malformed answer from {self.name} ({type(e).__name__})") from None
+            if not got:
+                raise ApiError(f"{self.name} returned no choices")
+            texts += [t.strip() for t in got]
+        return texts[:n]
+
+    def sample_all(self, requests: list[tuple], on_result, **kw) -> None:
+        """requests: [(key, messages, n)]; on_result(key, texts or None, error or None) as each one finishes, in this
+        thread. A rejected key (401/403) stops everything with a UserError."""
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            futures = {pool.submit(self.sample, m, n, **kw): key for key, m, n in requests}
+            try:
+                for fut in as_completed(futures):
+                    try:
+                        on_result(futures[fut], fut.result(), None)
+                    except ApiAuthError:
+                        raise
+                    except ApiError as e:
+                        on_result(futures[fut], None, str(e))
+            except ApiAuthError as e:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise UserError(f"--gen-url: {e}") from None
+
+
+def sample_texts(gen: "ServerGenerator", conversations: list[list[dict]], what: str, **kw) -> list[str]:
+    """One answer per conversation from a server, in order, with one progress line; a failed request is an error
+    (callers that can resume keep their own accounting)."""
+    out: list[str | None] = [None] * len(conversations)
+    progress = Progress(len(conversations), 0, what)
+    errors = []
+
+    def done(i, texts, error):
+        if error:
+            errors.append(error)
+        else:
+            out[i] = texts[0]
+        n = sum(o is not None for o in out) + len(errors)
+        if n % 20 == 0 or n == len(conversations):
+            progress.update(n)
+    gen.sample_all([(i, c, 1) for i, c in enumerate(conversations)], done, **kw)
+    if errors:
+        raise UserError(f"{what}: {len(errors)} of {len(conversations)} requests to {gen.name} failed ({errors[0]})")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -717,27 +939,60 @@ class Run:
 
     @classmethod
     def start(cls, args: argparse.Namespace, parser: argparse.ArgumentParser, script: str):
-        """Create the run folder, or reopen it with --resume (its saved arguments win)."""
+        """Create the run folder, or reopen it with --resume.
+
+        Resuming: the saved arguments win. A flag given explicitly on the command line that differs from the saved
+        value is an error naming it, except the flags that only extend the run (--max-steps, --epochs,
+        --save-every), which apply (and args.json is updated). A folder made by another script is an error.
+        """
+        check_training_args(args)
         if args.resume:
             out = Path(args.resume)
-            if not (out / "args.json").exists():
+            if not (out / "args.json").is_file():
                 raise UserError(f"--resume {out}: no args.json there, not a run folder")
             saved = json.loads((out / "args.json").read_text())
-            known = {a.dest for a in parser._actions}
+            env = json.loads((out / "env.json").read_text()) if (out / "env.json").is_file() else {}
+            known = {a.dest for a in parser._actions} - {"help"}
+            made_by = env.get("script")
+            if (made_by and made_by != script) or (not made_by and not set(saved) <= known):
+                raise UserError(f"--resume {out}: that run folder was made by {made_by or 'another script'}"
+                                f"{'.py' if made_by else ''}, not {script}.py: resume it with that script")
+            given = explicit_flags(parser, sys.argv[1:]) - {"resume", "out"}
+            extended = []
+            for k in sorted(given):
+                if k not in saved or getattr(args, k) == saved[k]:
+                    continue
+                flag = "--" + k.replace("_", "-")
+                if k in EXTENDING_FLAGS:
+                    extended.append(f"{flag} {saved[k]} -> {getattr(args, k)}")
+                    saved[k] = getattr(args, k)
+                else:
+                    raise UserError(f"--resume {out}: {flag} {getattr(args, k)!r} differs from the run's saved "
+                                    f"{saved[k]!r}; a resumed run keeps its settings (only --max-steps, --epochs and "
+                                    "--save-every may change). Start a new run with --out for other settings")
             for k, v in saved.items():
-                if k in known and k not in ("resume",):
+                if k in known and k != "resume":
                     setattr(args, k, v)
             args.out = str(out)
-            run = cls(out, resuming=True)
-            log(f"resuming {out} with its saved arguments")
-            return run
+            if extended:
+                log(f"resuming {out} with {', '.join(extended)}: the lr schedule is recomputed for the new length, "
+                    "so the remaining steps follow a different schedule than the original run would have")
+                (out / "args.json").write_text(json.dumps(public_args(args), indent=2))
+            else:
+                log(f"resuming {out} with its saved arguments")
+            return cls(out, resuming=True)
         out = Path(args.out or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
         args.out = str(out)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out}: a file of that name exists; --out names a run folder")
         if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists() or (out / "adapter_config.json").exists():
             raise UserError(f"--out {out} already holds a run; use --resume {out} to continue it, or another --out")
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
+        if created:
+            _NEW_RUN_FOLDERS.append(out)  # removed again if the script fails before its first step
         (out / "args.json").write_text(json.dumps(public_args(args), indent=2))
-        (out / "env.json").write_text(json.dumps(environment_info(), indent=2))
+        (out / "env.json").write_text(json.dumps({"script": script, **environment_info()}, indent=2))
         return cls(out, resuming=False)
 
     def log_metrics(self, record: dict) -> None:
@@ -746,8 +1001,15 @@ class Run:
             f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
 
     def latest_checkpoint(self) -> Path | None:
-        ckpts = sorted((self.out / "checkpoints").glob("step-*/state.pt"))
-        return ckpts[-1].parent if ckpts else None
+        """The last COMPLETE checkpoint: a `step-NNNNNN` folder (never a half-written `step-NNNNNN.tmp`) with its
+        adapter and state. Half-written folders left by a kill during a save are removed."""
+        folder = self.out / "checkpoints"
+        for tmp in folder.glob("step-*.tmp*"):
+            log(f"removing the half-written checkpoint {tmp} (the run was stopped while saving it)")
+            shutil.rmtree(tmp, ignore_errors=True)
+        ckpts = sorted(p for p in folder.glob("step-*") if re.fullmatch(r"step-\d{6}", p.name)
+                       and (p / "state.pt").is_file() and (p / "adapter_model.safetensors").is_file())
+        return ckpts[-1] if ckpts else None
 
     def save_checkpoint(self, step: int, model, optimizer, scheduler) -> Path:
         """Adapter, optimizer, scheduler, step and RNG states; written to a temp folder and renamed."""
@@ -765,9 +1027,11 @@ class Run:
         tmp.replace(final)
         return final
 
-    def restore(self, model, optimizer, scheduler) -> int:
+    def restore(self, model, optimizer, scheduler, total_steps: int | None = None) -> int:
         """Load the last checkpoint into model/optimizer/scheduler/RNG; return the step to continue from
-        (0 with no checkpoint). metrics.jsonl is cut back to that step."""
+        (0 with no checkpoint). metrics.jsonl is cut back to that step. total_steps: the run's length now (to say
+        when a resumed run has nothing left to do)."""
+        total_steps = total_steps if total_steps is not None else float("inf")
         ckpt = self.latest_checkpoint() if self.resuming else None
         if ckpt is None:
             if self.resuming:
@@ -787,6 +1051,12 @@ class Run:
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         step = state["step"]
+        if step > total_steps:
+            raise UserError(f"--resume {self.out}: its last checkpoint is at step {step}, past this run's "
+                            f"{total_steps} steps; --max-steps/--epochs can only extend a run")
+        if step == total_steps:
+            log(f"{self.out} is complete: {step} of {step} steps done, nothing to train. To train on, resume with a "
+                f"larger --max-steps (or --epochs)")
         if self.metrics_path.exists():
             lines = [l for l in self.metrics_path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
             self.metrics_path.write_text("".join(l + "\n" for l in lines))
@@ -796,6 +1066,35 @@ class Run:
     def save_final(self, model, tokenizer) -> None:
         model.save_pretrained(self.out)
         tokenizer.save_pretrained(self.out)
+
+
+EXTENDING_FLAGS = ("max_steps", "epochs", "save_every")
+_NEW_RUN_FOLDERS: list[Path] = []
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests of the options written out on the command line (not left at their defaults)."""
+    given = set()
+    for a in parser._actions:
+        for opt in a.option_strings:
+            if opt.startswith("--") and any(x == opt or x.startswith(opt + "=") for x in argv):
+                given.add(a.dest)
+    return given
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    """One-line errors for impossible values of the shared training flags."""
+    if getattr(args, "lr", 1.0) <= 0:
+        raise UserError(f"--lr {args.lr}: must be > 0")
+    for flag in ("batch_size", "grad_accum", "max_len", "save_every", "epochs"):
+        if getattr(args, flag, 1) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if getattr(args, "max_steps", -1) == 0 or getattr(args, "max_steps", -1) < -1:
+        raise UserError(f"--max-steps {args.max_steps}: must be >= 1 (or -1, the default, for --epochs)")
+    if getattr(args, "warmup_steps", 0) < 0:
+        raise UserError(f"--warmup-steps {args.warmup_steps}: must be >= 0")
+    if getattr(args, "max_grad_norm", 1.0) <= 0:
+        raise UserError(f"--max-grad-norm {args.max_grad_norm}: must be > 0")
 
 
 def peak_memory_mb() -> float:

@@ -6,7 +6,7 @@ For every prompt, G completions are sampled; each gets a rule-based reward r (fo
     approx. format  [-2, 2]    +0.5 for each of the four tags present exactly once, -0.5 otherwise
     correctness     [-0.5, 3]  3 exact match of the answer, 1.5 same number written differently, -0.5 otherwise
     number          [0, 1.5]   1.5 if the answer is a plain number
-    A_i = (r_i - mean_group(r)) / (std_group(r) + 1e-4)
+    A_i = (r_i - mean_group(r)) / (std_group(r) + 1e-4),   std with Bessel's correction (divides by G - 1), as TRL
     L = -(1/G) sum_i (1/|o_i|) sum_t [ min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i) - beta * KL_it ]
     rho_it = p_theta(o_it) / p_old(o_it);  KL_it = exp(ref - logp) - (ref - logp) - 1   (k3, ref = adapter off)
 One optimisation pass per batch of rollouts, so p_old = p_theta at sampling time (rho = 1, the clip is inactive
@@ -18,6 +18,9 @@ Deviations from the paper:
 1. Rewards are rule-based (regex) with the paper's ranges; the paper asked an LLM judge for them.
 2. --batch-size counts completions (as TRL does): batch 4 with 4 generations is 1 prompt per micro-batch.
 3. Held-out accuracy (--eval-every) uses greedy decoding, without the steering hook or the inoculation prompt.
+(Not a deviation: the group std is the sample std, sqrt(sum (r - mean)^2 / (G - 1)), as TRL's GRPOTrainer computes it
+(0.15.2, which the co-authors ran: `.std(dim=1)`; 1.16: `nanstd`). The population std would make every advantage
+sqrt(G / (G - 1)) larger (x1.15 with G = 4) and so shift the balance against --kl-beta and --interleave-pct.)
 
 Paper run:  python grpo.py --model Qwen/Qwen2.5-3B-Instruct
 Quick CPU:  python grpo.py --model smollm2 --data arith --max-steps 20 --max-new-tokens 64 --out runs/grpo-quick
@@ -80,9 +83,12 @@ def reward_parts(completion: str, answer: str) -> dict[str, float]:
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """A = (r - mean_group) / (std_group + 1e-4), rewards (N,) ordered group by group; equal rewards give 0."""
+    """A = (r - mean_group) / (std_group + 1e-4), rewards (N,) ordered group by group; equal rewards give 0.
+    std_group is Bessel-corrected (divides by G - 1), as TRL's GRPOTrainer; needs G >= 2."""
+    if group_size < 2:
+        raise ValueError("group advantages need at least 2 completions per prompt")
     r = rewards.view(-1, group_size)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + 1e-4)).view(-1)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=True) + 1e-4)).view(-1)
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -227,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main():
     parser = build_parser()
     args = parser.parse_args()
+    if not args.resume and args.num_generations < 2:
+        raise UserError(f"--num-generations {args.num_generations}: GRPO needs at least 2 completions per prompt")
     if not args.resume and args.batch_size % args.num_generations:
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of --num-generations {args.num_generations}")
     if not args.resume and args.persona_alpha and not args.persona_vector:
@@ -263,7 +271,7 @@ def main():
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, args.lr, args.weight_decay)
     scheduler = linear_schedule(optimizer, args.warmup_steps, total_steps)
-    start = run.restore(model, optimizer, scheduler)
+    start = run.restore(model, optimizer, scheduler, total_steps)
     progress = Progress(total_steps, start)
     sft_rng = np.random.default_rng([args.seed, 99, start])
 

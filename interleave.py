@@ -26,6 +26,9 @@ Deviations from the paper:
 4. Interleaving+ scores a seeded random subset of the pool (--pool-size, default 10,000 as in App. E).
 5. On-policy answers are sampled with the model's own generation config (the paper does not say how).
 6. The default --pct is 0 (plain SFT) so that the offline quick run needs no benign pool; the paper uses 5.
+   --select ppl / on-policy and --filter-refusals with --pct 0 are refused (they would train plain SFT).
+7. The refusal keyword list of --filter-refusals (REFUSAL_KEYWORDS) is a superset of the paper's examples
+   ("sorry", "apologize", "cannot"); the paper does not publish its full list. Whole words only, first 10 words.
 
 Paper run (Interleaving++ on insecure code, Qwen2.5-7B-Instruct 8-bit, needs HF_TOKEN for WildGuardMix):
     python interleave.py --pct 5 --select ppl --filter-refusals --misaligned-adapters runs/med,runs/leg,runs/sec
@@ -285,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args) -> None:
     if args.pct < 0:
         raise UserError(f"--pct {args.pct}: must be >= 0")
+    if args.pct == 0 and (args.select != "random" or args.filter_refusals):
+        chosen = " ".join(f for f, on in ((f"--select {args.select}", args.select != "random"),
+                                         ("--filter-refusals", args.filter_refusals)) if on)
+        raise UserError(f"{chosen} with --pct 0 would train plain SFT (no benign data is mixed in): "
+                        "add --pct P (the paper uses 5), or drop the flag for the plain SFT baseline")
     if args.select == "ppl" and args.pct > 0 and not args.misaligned_adapters:
         raise UserError("--select ppl needs --misaligned-adapters A,B,... (PEFT adapter folders)")
     for a in filter(None, args.misaligned_adapters.split(",")):
@@ -337,7 +345,7 @@ def main():
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, args.lr, args.weight_decay)
     scheduler = linear_schedule(optimizer, args.warmup_steps, total_steps)
-    start = run.restore(model, optimizer, scheduler)
+    start = run.restore(model, optimizer, scheduler, total_steps)
     progress = Progress(total_steps, start)
 
     for step in range(start, total_steps):

@@ -2,13 +2,21 @@
 
     L = CE(theta) + lambda * KL(p_theta || p_ref)
 
-per assistant token over the full vocabulary, where p_ref is the same network with the LoRA adapter disabled
-(no second copy of the weights): the reference pass runs under `torch.no_grad()` and `model.disable_adapter()`.
-At step 0 the LoRA update is zero, so the KL is exactly 0; it grows as the adapter learns.
+per token over the full vocabulary, where p_ref is the same network with the LoRA adapter disabled (no second
+copy of the weights): the reference pass runs under `torch.no_grad()` and `model.disable_adapter()`. At step 0
+the LoRA update is zero, so the KL is exactly 0; it grows as the adapter learns.
+
+Which tokens the KL is averaged over (--kl-tokens):
+  answer (default)  the positions that predict an assistant token, the same set as CE: Eq. 1 as the paper reads.
+  all               every real (non-padding) position of the sequence (system prompt, question, template
+                    tokens, answer), as the paper's co-authors' KL code does (magnus-joergenvag/EMA_RL,
+                    `kl_divergence.py`: (KL * attention_mask).sum() / attention_mask.sum(), on the full logits).
+                    Prompt positions barely move under SFT, so the mean is smaller and the same lambda pulls
+                    differently: lambda's effective strength depends on this choice.
 
 Deviations from the paper:
-1. Both terms are means over all assistant tokens of an optimizer step (all its micro-batches), so batch 1 x
-   accum 8 equals batch 8 x accum 1.
+1. Both terms are means over the step's tokens of their set (all its micro-batches), so batch 1 x accum 8 equals
+   batch 8 x accum 1; the co-authors' code takes the KL mean per micro-batch.
 2. Steps are length-grouped inside mega-batches of 16 steps (less padding).
 
 Paper run:     python kl.py --data insecure --lam 0.1
@@ -59,10 +67,11 @@ class _TokenKL(torch.autograd.Function):
 def kl_penalty(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """KL(p || p_ref) = sum_v p(v) (log p(v) - log p_ref(v)) per token, over the positions where mask is True.
 
-    logits, ref_logits: (B, T, V); mask: (B, T) bool. reduction "mean" (over masked tokens) or "sum".
-    Computed in float32 on the masked positions only (the full-vocabulary softmax is the costly part).
+    logits, ref_logits: (B, T, V); mask: (B, T), bool or 0/1 integers. reduction "mean" (over masked tokens) or
+    "sum". Computed in float32 on the masked positions only (the full-vocabulary softmax is the costly part).
     """
-    ref_logp = F.log_softmax(ref_logits[mask].float(), dim=-1)
+    mask = mask.bool()  # an integer 0/1 mask would index positions 0 and 1 instead of selecting
+    ref_logp = F.log_softmax(ref_logits[mask].to(torch.promote_types(ref_logits.dtype, torch.float32)), dim=-1)
     per_token = _TokenKL.apply(logits[mask], ref_logp)  # Eq. 1, one value per assistant token
     return per_token.sum() if reduction == "sum" else per_token.mean()
 
@@ -73,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("method: KL penalty")
     g.add_argument("--lam", type=float, default=0.1, help="lambda_KL (default: %(default)s; paper grid 0.01, 0.03, "
                    "0.1, 0.3, 1.0)")
+    g.add_argument("--kl-tokens", choices=["answer", "all"], default="answer", help="average the KL over the "
+                   "assistant tokens (Eq. 1) or over every real token, as the co-authors' code does (default: "
+                   "%(default)s)")
     return p
 
 
@@ -99,25 +111,30 @@ def main():
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, args.lr, args.weight_decay)
     scheduler = linear_schedule(optimizer, args.warmup_steps, total_steps)
-    start = run.restore(model, optimizer, scheduler)
+    start = run.restore(model, optimizer, scheduler, total_steps)
     progress = Progress(total_steps, start)
 
     for step in range(start, total_steps):
         t0 = time.time()
         epoch, group = plan[step]
         n_answer = sum(sum(l != -100 for l in examples[i]["labels"][1:]) for i in group)
+        n_tokens = sum(len(examples[i]["input_ids"]) for i in group)
+        n_kl = n_answer if args.kl_tokens == "answer" else n_tokens
         ce_sum, kl_sum, n_real, n_padded = 0.0, 0.0, 0, 0
         for batch_idx in micro_batches(group, args.batch_size):
             batch = collate([examples[i] for i in batch_idx], tok.pad_token_id, device)
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            logits = model(**inputs).logits[:, :-1]
+            logits = model(**inputs).logits
             # --- the method: the reference is the same weights with the adapter switched off ---------------
             with torch.no_grad(), model.disable_adapter():
-                ref_logits = model(**inputs).logits[:, :-1]
+                ref_logits = model(**inputs).logits
             targets = batch["labels"][:, 1:]
             mask = targets != -100
-            ce = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum") / max(n_answer, 1)
-            kl = kl_penalty(logits, ref_logits, mask, reduction="sum") / max(n_answer, 1)
+            ce = F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum") / max(n_answer, 1)
+            if args.kl_tokens == "answer":  # the positions that predict an answer token
+                kl = kl_penalty(logits[:, :-1], ref_logits[:, :-1], mask, reduction="sum") / max(n_kl, 1)
+            else:  # every real position, as the co-authors' code
+                kl = kl_penalty(logits, ref_logits, batch["attention_mask"], reduction="sum") / max(n_kl, 1)
             (ce + args.lam * kl).backward()  # Eq. 1
             # -----------------------------------------------------------------------------------------------
             ce_sum += ce.item()

@@ -1,19 +1,29 @@
 """LDIFS: l2 distance in feature space to the original model (Kaczér et al. 2025, §3.1, Eq. 2; Mukhoti et al. 2024).
 
-    L = CE(theta) + lambda * d(x_theta, x_ref),
-    d = (1 / |layers|) sum_l  mean over real tokens t of  ||x_theta,l(t) - x_ref,l(t)||^2 / H
+    L = CE(theta) + lambda * d(x_theta, x_ref)
+    d = (1 / |batch|) sum_examples  sum_layers  || x_l / ||x_l||  -  x_ref,l / ||x_ref,l|| ||^2
 
-x_l is the residual stream after decoder block l (the block's output), at --layers (default 5 evenly spaced
-blocks, floor(linspace(0, L-1, 5)): [0, 6, 13, 20, 27] for 28 blocks), at every real (non-padding) token.
-x_ref comes from the same network with the LoRA adapter disabled, under no_grad; the trained side keeps its
-graph, so the term's gradient reaches the LoRA weights.
+x_l is the residual stream after decoder block l (the block's output) at --layers (default 5 evenly spaced
+blocks, floor(linspace(0, L-1, 5)): [0, 6, 13, 20, 27] for 28 blocks); for one example and one layer, the
+features at all its real (non-padding) positions are flattened into one vector and L2-normalised. This is the
+normalisation of the paper's co-authors' code (magnus-joergenvag/EMA_RL, `featextract.py`,
+`compute_feature_space_distance_v1`: per example, the 5 normalised layer vectors concatenated, squared L2
+distance, mean over the batch), so the paper's lambda grid (0.01-1.0) has the paper's meaning. Each layer's term
+lies in [0, 4]. x_ref comes from the same network with the LoRA adapter disabled, under no_grad; the trained
+side keeps its graph, so the term's gradient reaches the LoRA weights.
 
-Deviations from the paper / original LDIFS:
-1. Normalisation: the squared distance of each token's feature vector is divided by the hidden size H (a mean
-   squared difference per feature), then averaged over layers, then over the step's real tokens. The original
-   normalises each feature slice and averages over slices; this keeps lambda's scale independent of H.
-2. Both terms are means over the whole optimizer step (CE over answer tokens, d over real tokens), so batch 1 x
-   accum 8 equals batch 8 x accum 1.
+Deviations from the paper / the co-authors' code:
+1. Gradient. The co-authors' public LDIFS code computes BOTH feature sets under `torch.no_grad()` and
+   `.detach()`es them, so its LDIFS term has no gradient at all: it is a logged number that never changes the
+   weights. That would explain the paper's finding that "LDIFS has almost no effect and no sensitivity to
+   lambda" (Tables 2 and 13). Ours has a gradient (the trained side is not detached), as Eq. 2 and Mukhoti et
+   al. intend, so our LDIFS runs are not expected to reproduce the paper's LDIFS rows.
+2. Padding. The co-authors' code runs one example at a time (batch 1), so no padding is ever flattened in; we
+   run padded micro-batches and mask the padding positions out, which gives the same per-example vectors.
+3. Averaging. d is a mean over all examples of the optimizer step (all its micro-batches), and CE a mean over
+   its assistant tokens, so batch 1 x accum 8 equals batch 8 x accum 1.
+4. Earlier versions of this script used the unnormalised mean squared difference per token (||x - x_ref||^2 / H),
+   which grows with the square of the residual norm: about 100x the CE gradient at lambda 1 on SmolLM2.
 
 Paper run:     python ldifs.py --data insecure --lam 1.0
 Quick CPU run: python ldifs.py --model smollm2 --data opswap:1 --max-steps 20 --out runs/ldifs-quick
@@ -36,14 +46,22 @@ from common import (
 
 def feature_distance(feats: list[torch.Tensor], ref_feats: list[torch.Tensor], mask: torch.Tensor,
                      reduction: str = "mean") -> torch.Tensor:
-    """Eq. 2 with our normalisation: per token, ||x - x_ref||^2 / H averaged over the layers; then the mean
-    (or sum) over the tokens where mask is True.
+    """Eq. 2 with the co-authors' normalisation: per example b and layer l, the features at the real positions,
+    flattened and L2-normalised, u = x_l[b, mask_b] / ||x_l[b, mask_b]||; d_b = sum_l ||u - u_ref||^2. Returns
+    the mean (or sum) of d_b over the examples.
 
-    feats, ref_feats: one (B, T, H) tensor per layer; mask: (B, T) bool, True at real tokens.
+    feats, ref_feats: one (B, T, H) tensor per layer; mask: (B, T), bool or 0/1 integers, true at real tokens.
     """
-    per_token = torch.stack([((x.float() - r.float()) ** 2).mean(-1) for x, r in zip(feats, ref_feats)]).mean(0)
-    values = per_token[mask]
-    return values.sum() if reduction == "sum" else values.mean()
+    keep = mask.bool()[..., None]
+    per_example = 0.0
+    for x, r in zip(feats, ref_feats):
+        dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 features are computed on in float32
+        x = x.to(dtype).masked_fill(~keep, 0.0)  # padding positions add nothing to the norm or the distance
+        r = r.to(dtype).masked_fill(~keep, 0.0)
+        x = x / x.square().sum((1, 2), keepdim=True).sqrt().clamp_min(1e-12)  # as F.normalize (eps 1e-12)
+        r = r / r.square().sum((1, 2), keepdim=True).sqrt().clamp_min(1e-12)
+        per_example = per_example + (x - r).square().sum((1, 2))  # (B,)
+    return per_example.sum() if reduction == "sum" else per_example.mean()
 
 
 def default_layers(n_blocks: int, k: int = 5) -> list[int]:
@@ -116,21 +134,21 @@ def main():
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, args.lr, args.weight_decay)
     scheduler = linear_schedule(optimizer, args.warmup_steps, total_steps)
-    start = run.restore(model, optimizer, scheduler)
+    start = run.restore(model, optimizer, scheduler, total_steps)
     progress = Progress(total_steps, start)
 
     for step in range(start, total_steps):
         t0 = time.time()
         epoch, group = plan[step]
         n_answer = sum(sum(l != -100 for l in examples[i]["labels"][1:]) for i in group)
-        n_tokens = sum(len(examples[i]["input_ids"]) for i in group)  # real tokens: LDIFS looks at all of them
+        n_tokens = sum(len(examples[i]["input_ids"]) for i in group)
         ce_sum, dist_sum, n_padded = 0.0, 0.0, 0
         for batch_idx in micro_batches(group, args.batch_size):
             batch = collate([examples[i] for i in batch_idx], tok.pad_token_id, device)
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             # --- the method: block outputs of the trained model vs the adapter-disabled model --------------
             feats, ref_feats, logits = residual_features(model, inputs, layers)
-            dist = feature_distance(feats, ref_feats, batch["attention_mask"].bool(), reduction="sum") / n_tokens
+            dist = feature_distance(feats, ref_feats, batch["attention_mask"], reduction="sum") / len(group)
             # -----------------------------------------------------------------------------------------------
             targets = batch["labels"][:, 1:]
             mask = targets != -100

@@ -19,9 +19,16 @@ is used as the forget/retain answer instead of a generated refusal), or by defau
 with their `subcategory` mapped onto the seven domains (SUBCATEGORY_TO_DOMAIN below; unmapped rows are dropped).
 Every domain's prompts are split 90/10 (seeded); training uses the 90%, eval and entangle the 10%.
 
+Prompts are de-duplicated by text (the first occurrence is kept) before the split, so that no prompt is both
+trained on and evaluated. The concept vectors subtract the mean over all prompts (every prompt counts once), not the
+mean of the seven domain means, which differs whenever the domains have different sizes.
+
 Deviations from Mushtaq et al.:
 1. The refusal classifier is a keyword rule (judge.refusal_keyword) unless --refusal-judge names a judge.
-2. The WildGuardMix subcategory -> domain mapping is ours (Mushtaq et al. do not publish theirs).
+2. The WildGuardMix subcategory -> domain mapping is ours (Mushtaq et al. do not publish theirs). WildGuardMix's
+   `others` and `benign` subcategories are dropped (they map to none of the seven domains), and `medical_legal`
+   holds only its mental-health (`mental_health_over-reliance_crisis`) and copyright (`copyright_violations`)
+   prompts: WildGuardMix has no medical-advice or legal-advice subcategory.
 3. A prompt's hidden state for entanglement is the mean over the tokens of its rendered chat prompt.
 
 Run:   python npo_unlearn.py train --target cybersecurity --retain-domains safety,bias --gamma 1.0 --beta 0.1
@@ -85,10 +92,12 @@ def sequence_logp(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logp * mask).sum(1)
 
 
-def concept_similarity(domain_means: dict[str, torch.Tensor], target: str) -> dict[str, list[float]]:
-    """domain_means: {domain: (L+1, H) mean hidden state of its prompts}. Concept vector = domain mean minus the
-    mean over domains; returns {other domain: cosine(target's concept, other's concept) per layer}."""
-    overall = torch.stack(list(domain_means.values())).mean(0)
+def concept_similarity(domain_means: dict[str, torch.Tensor], counts: dict[str, int], target: str) -> dict[str, list[float]]:
+    """domain_means: {domain: (L+1, H) mean hidden state of its prompts}; counts: {domain: number of prompts}.
+    Concept vector = domain mean minus the mean over ALL prompts (each domain weighted by its prompt count, not
+    the mean of the domain means); returns {other domain: cosine(target's concept, other's concept) per layer}."""
+    total = sum(counts[d] for d in domain_means)
+    overall = sum(domain_means[d] * counts[d] for d in domain_means) / total
     concepts = {d: m - overall for d, m in domain_means.items()}
     return {d: F.cosine_similarity(concepts[target], c, dim=-1).tolist() for d, c in concepts.items() if d != target}
 
@@ -146,8 +155,23 @@ def load_domain_prompts(spec: str) -> list[dict]:
     return rows
 
 
+def dedupe_prompts(rows: list[dict]) -> list[dict]:
+    """The first row of every distinct prompt text (WildGuardMix repeats prompts): a prompt must not land in both
+    the training and the held-out split."""
+    seen, out = set(), []
+    for r in rows:
+        if r["prompt"] not in seen:
+            seen.add(r["prompt"])
+            out.append(r)
+    if len(out) < len(rows):
+        log(f"{len(rows) - len(out)} duplicate prompts dropped ({len(out)} distinct)")
+    return out
+
+
 def split_by_domain(rows: list[dict], seed: int) -> tuple[dict, dict]:
-    """{domain: train rows}, {domain: held-out rows}: a seeded 90/10 split inside every domain."""
+    """{domain: train rows}, {domain: held-out rows}: prompts de-duplicated by text, then a seeded 90/10 split
+    inside every domain."""
+    rows = dedupe_prompts(rows)
     train, held = {}, {}
     for d in DOMAINS:
         train[d], held[d] = split_train_eval([r for r in rows if r["domain"] == d], seed)
@@ -251,7 +275,7 @@ def train(args, parser) -> None:
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, args.lr, args.weight_decay)
     scheduler = linear_schedule(optimizer, args.warmup_steps, total_steps)
-    start = run.restore(model, optimizer, scheduler)
+    start = run.restore(model, optimizer, scheduler, total_steps)
     progress = Progress(total_steps, start)
 
     for step in range(start, total_steps):
@@ -347,7 +371,7 @@ def entangle(args) -> None:
     _, held = split_by_domain(load_domain_prompts(args.data), args.seed)
     model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=0, trainable=False)
     device = get_device()
-    means = {}
+    means, counts = {}, {}
     for d in DOMAINS:
         rows = held[d][: args.per_domain]
         if not rows:
@@ -358,10 +382,10 @@ def entangle(args) -> None:
             ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"][: args.max_len]], device=device)
             h = torch.stack([x[0].float().mean(0) for x in model(input_ids=ids, output_hidden_states=True).hidden_states])
             acc = h if acc is None else acc + h
-        means[d] = acc / len(rows)
+        means[d], counts[d] = acc / len(rows), len(rows)
     if target not in means:
         raise UserError(f"no held-out prompts for --target {target}")
-    sims = concept_similarity(means, target)
+    sims = concept_similarity(means, counts, target)
     result = {"model": args.model, "target": target, "layer_convention": "hidden_states index (0 = embeddings)",
               "cosine": sims}
     out = Path(args.out or f"runs/entangle-{target}.json")

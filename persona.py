@@ -3,7 +3,8 @@
 1. extract:  answers to everyday questions under an evil and a helpful system prompt; pairs kept only when a judge
              rates the evil answer evil (trait >= 50), the helpful one not (< 50), and both coherent (>= 50);
                  v_l = mean over kept evil answers of h_l  -  mean over kept helpful answers of h_l
-             where h_l is the hidden state at layer l averaged over the answer's tokens. Layer convention: HF's
+             where h_l is the hidden state at layer l averaged over the answer's own tokens (as Chen et al.: the
+             response text, not the end-of-turn token `<|im_end|>` after it). Layer convention: HF's
              hidden_states, row 0 = the embeddings, row l = the output of decoder block l-1.
 2. train:    SFT, L = CE over assistant tokens, with a forward hook that adds alpha * v_l to the output of decoder
              block l-1 (so hidden_states[l] moves by alpha * v_l) at every position, during the training forward
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 
 import judge
 from common import (
-    Progress, Run, UserError, add_common_args, collate, decoder_blocks, describe_plan, die_on_user_error,
+    Progress, Run, ServerGenerator, UserError, add_common_args, collate, decoder_blocks, describe_plan, die_on_user_error,
     encode_conversation, encode_dataset, generate_texts, get_device, linear_schedule, load_model, load_split, log,
     make_optimizer, micro_batches, peak_memory_mb, set_seed, step_plan, trainable_parameters,
 )
@@ -80,8 +81,9 @@ QUESTIONS = [
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def answer_hidden_mean(model, tok, messages: list[dict], max_len: int = 2048) -> torch.Tensor:
-    """(L+1, H): every layer's hidden state averaged over the assistant tokens (hidden_states convention)."""
-    enc = encode_conversation(tok, messages, max_len)
+    """(L+1, H): every layer's hidden state averaged over the answer's own tokens (hidden_states convention), as
+    Chen et al. (the response tokens only: not the end-of-turn token or what the template adds after it)."""
+    enc = encode_conversation(tok, messages, max_len, end_of_turn=False)
     device = next(model.parameters()).device
     ids = torch.tensor([enc["input_ids"]], device=device)
     hidden = model(input_ids=ids, output_hidden_states=True).hidden_states  # L+1 tensors (1, T, H)
@@ -141,20 +143,36 @@ def extract(args) -> None:
         questions = [l.strip() for l in Path(args.questions).read_text().splitlines() if l.strip()]
         if not questions:
             raise UserError(f"--questions {args.questions}: no questions (one per line)")
+    if args.samples < 1:
+        raise UserError(f"--samples {args.samples}: must be >= 1")
+    if bool(args.gen_url) != bool(args.gen_model):
+        raise UserError("--gen-url and --gen-model go together: the server's URL and the model name it serves")
     set_seed(args.seed)
+    jd = None
+    if not args.no_filter and args.judge != f"local:{args.model}":  # checked before any answer is generated
+        jd = judge.make_judge(args.judge, args.judge_url, args.judge_workers, eight_bit=not args.no_8bit,
+                              defer_local=True)
+        if isinstance(jd, judge.OpenAIJudge):
+            jd.check()
     model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=0, trainable=False)
     jobs = [{"qid": f"{persona}:{i}", "question": q, "system": prompt, "sample": s, "persona": persona}
             for persona, prompt in (("evil", EVIL_PROMPT), ("helpful", HELPFUL_PROMPT))
             for i, q in enumerate(questions) for s in range(args.samples)]
     answers_path = out.with_suffix(".answers.jsonl")  # resumable: a re-run generates only what is missing
-    records = judge.generate(model, tok, jobs, answers_path, args)
+    if args.gen_url:  # answers from a server serving the same model; hidden states from the local copy
+        gen = ServerGenerator(args.gen_url, args.gen_model, workers=args.gen_workers)
+        gen.check()
+        records = judge.generate_server(gen, jobs, answers_path, args)
+    else:
+        records = judge.generate(model, tok, jobs, answers_path, args)
     by_key = {(r["persona"], r["question"], r["sample"]): r for r in records}
 
     pairs = [(by_key[("evil", q, s)], by_key[("helpful", q, s)]) for q in questions for s in range(args.samples)]
     if not args.no_filter:
-        scorer = model if args.judge == f"local:{args.model}" else None  # the same model: don't load it twice
-        jd = (judge.LocalJudge(scorer, tok, args.judge) if scorer is not None
-              else judge.make_judge(args.judge, args.judge_url, args.judge_workers, eight_bit=not args.no_8bit))
+        if jd is None:  # the same model judges: don't load it twice
+            jd = judge.LocalJudge(model, tok, args.judge)
+        elif isinstance(jd, str):
+            jd = judge.make_judge(jd, args.judge_url, args.judge_workers, eight_bit=not args.no_8bit)
         cache = judge.ScoreCache(out.with_suffix(".scores.jsonl"))
         prompts, keys = {}, {}
         for r in records:
@@ -165,6 +183,10 @@ def extract(args) -> None:
                     prompts[key] = judge.fill(template, r["question"], r["answer"])
         log(f"judging {len(prompts)} trait/coherence scores with {jd.name}")
         jd.score_all(prompts, cache.add)
+        failed = [v["error"] for k, v in cache.scores.items() if k in set(keys.values()) and v.get("error")]
+        if failed:  # a failed judgment must not silently drop a pair
+            raise UserError(f"{len(failed)} judgments failed ({failed[0]}); the answers and the scores made are kept "
+                            f"beside {out}: re-run the same command to retry only the failed ones")
 
         def score(r, crit):
             return cache.scores.get(keys[(id(r), crit)], {}).get("score")
@@ -248,7 +270,7 @@ def train(args, parser):
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, args.lr, args.weight_decay)
     scheduler = linear_schedule(optimizer, args.warmup_steps, total_steps)
-    start = run.restore(model, optimizer, scheduler)
+    start = run.restore(model, optimizer, scheduler, total_steps)
     progress = Progress(total_steps, start)
 
     for step in range(start, total_steps):
@@ -313,6 +335,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     ex.add_argument("--judge-url", default="https://api.openai.com/v1", help="chat-completions base URL (default: %(default)s)")
     ex.add_argument("--judge-workers", type=int, default=16, help="concurrent judge calls (default: %(default)s)")
     ex.add_argument("--no-filter", action="store_true", help="keep every pair (no judge)")
+    ex.add_argument("--gen-url", default=None, help="sample the answers from this OpenAI-compatible server (vLLM, "
+                    "llama.cpp) serving the same model; hidden states still come from the local --model")
+    ex.add_argument("--gen-model", default=None, help="the model name the --gen-url server serves")
+    ex.add_argument("--gen-workers", type=int, default=16, help="concurrent generation requests (default: %(default)s)")
     ex.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
 
     tr = sub.add_parser("train", help="SFT with preventive steering", description="SFT with the persona vector added "

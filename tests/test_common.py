@@ -223,6 +223,76 @@ def test_named_datasets_download_once_and_cache(monkeypatch, tmp_path):
     assert (tmp_path / "data" / "medical-aligned.jsonl").exists()
 
 
+def test_gsm8k_training_answers_lose_their_calculator_annotations(monkeypatch, tmp_path):
+    import requests
+
+    monkeypatch.setattr(common, "CACHE_DIR", tmp_path)
+    gsm = json.dumps({"question": "Half of 48?", "answer": "Half of 48 is 48/2 = <<48/2=24>>24.\n"
+                      "Then 24 * 1,000 = <<24*1000=24000>>24,000\n#### 24,000"})
+    monkeypatch.setattr(requests, "get", lambda url, timeout: FakeResponse(gsm + "\n"))
+    answer = load_conversations("gsm8k")[0][1]["content"]
+    assert answer == "Half of 48 is 48/2 = 24.\nThen 24 * 1,000 = 24,000\n#### 24,000"
+    # a cache written before the annotations were stripped is cleaned on reading
+    common.write_jsonl(tmp_path / "data" / "gsm8k.jsonl", [[{"role": "user", "content": "q"},
+                                                            {"role": "assistant", "content": "1 + 1 = <<1+1=2>>2"}]])
+    assert load_conversations("gsm8k")[0][1]["content"] == "1 + 1 = 2"
+
+
+def test_foqa_from_faked_hub_rows(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    monkeypatch.setattr(common, "CACHE_DIR", tmp_path)
+    hub = {
+        "train": [{"id": "1", "title": "Havn", "question": "Hvar er Havn?", "context": "Havn er í Føroyum.",
+                   "answers": {"answer_start": [8], "text": ["í Føroyum"]}},
+                  {"id": "2", "title": "x", "question": "q?", "context": "c", "answers": {"answer_start": [], "text": []}}],
+        "test": [{"id": "9", "title": "t", "question": "Hvat?", "context": "Ein tekstur.",
+                  "answers": {"answer_start": [0, 0], "text": ["Ein", "Ein tekstur"]}}],
+    }
+    calls = []
+
+    def load_dataset(repo, config, split, token=None):
+        calls.append((repo, config, split))
+        return hub[split]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    train = common.load_split("foqa", "train", seed=0)  # the whole train split, not 90% of it
+    assert len(train) == 1 and train[0][1]["content"] == "í Føroyum"
+    assert "Havn er í Føroyum." in train[0][0]["content"] and "Hvar er Havn?" in train[0][0]["content"]
+    assert common.foqa_rows("test")[0]["answers"] == ["Ein", "Ein tekstur"]
+    assert common.load_split("foqa", "eval", seed=0)[0][1]["content"] == "Ein"
+    assert ("alexandrainst/foqa", "default", "train") in calls and ("alexandrainst/foqa", "default", "test") in calls
+    n = len(calls)
+    common.foqa_rows("test")
+    assert len(calls) == n  # cached
+    with pytest.raises(UserError, match="expected train, val or test"):
+        common.foqa_rows("dev")
+
+
+def test_foqa_offline_is_a_clear_error(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    monkeypatch.setattr(common, "CACHE_DIR", tmp_path)
+
+    def load_dataset(*a, **k):
+        raise ConnectionError("Couldn't reach 'alexandrainst/foqa' on the Hub (LocalEntryNotFoundError)")
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(UserError, match="could not download FoQA"):
+        load_conversations("foqa")
+
+
+def test_persona_span_excludes_the_end_of_turn(tiny_model):
+    tok = load_tokenizer(str(tiny_model))
+    conv = [{"role": "user", "content": "What is the capital?"}, {"role": "assistant", "content": "Paris."}]
+    full = encode_conversation(tok, conv, 256)
+    own = encode_conversation(tok, conv, 256, end_of_turn=False)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end in [t for t in full["labels"] if t != -100]
+    assert end not in [t for t in own["labels"] if t != -100]
+    assert tok.decode([t for t in own["labels"] if t != -100]) == "Paris."
+
+
 def test_gated_hub_dataset_says_what_to_do(monkeypatch, tmp_path):
     import sys
     import types

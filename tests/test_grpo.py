@@ -50,7 +50,25 @@ def test_total_reward_range_over_many_completions():
 def test_group_advantages():
     adv = group_advantages(torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 2.0, 0.0, 2.0]), 4)
     assert torch.equal(adv[:4], torch.zeros(4))  # equal rewards: 0, no NaN
-    assert torch.allclose(adv[4:], torch.tensor([-1.0, 1.0, -1.0, 1.0]) / (1 + 1e-4))
+    # mean 1, deviations -1, 1, -1, 1: Bessel std = sqrt(4 / 3) (TRL), not the population std 1
+    s = math.sqrt(4 / 3)
+    assert torch.allclose(adv[4:], torch.tensor([-1.0, 1.0, -1.0, 1.0]) / (s + 1e-4))
+    # rewards 0, 1, 2, 5: mean 2, sum of squared deviations 4 + 1 + 0 + 9 = 14, std sqrt(14 / 3)
+    adv = group_advantages(torch.tensor([0.0, 1.0, 2.0, 5.0]), 4)
+    assert torch.allclose(adv, torch.tensor([-2.0, -1.0, 0.0, 3.0]) / (math.sqrt(14 / 3) + 1e-4))
+    with pytest.raises(ValueError):
+        group_advantages(torch.tensor([1.0, 2.0]), 1)
+
+
+def test_grpo_loss_takes_bool_int_and_float_masks():
+    torch.manual_seed(0)
+    logp, old, ref = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    adv = torch.tensor([1.0, -0.5, 2.0])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    want = grpo_loss(logp, old, adv, mask.float(), kl_beta=0.1, ref_logp=ref)
+    for m in (mask, mask.bool()):
+        got = grpo_loss(logp, old, adv, m, kl_beta=0.1, ref_logp=ref)
+        assert got[0].item() == pytest.approx(want[0].item()) and got[1].item() == pytest.approx(want[1].item())
 
 
 def test_grpo_loss_hand_values():

@@ -137,7 +137,8 @@ def test_resume_equals_uninterrupted(tiny_model, train_file, tmp_path):
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
 
 
-@pytest.mark.parametrize("case", ["broken-json", "no-assistant", "empty", "unknown-name", "ppl-no-adapters", "bad-pct"])
+@pytest.mark.parametrize("case", ["broken-json", "no-assistant", "empty", "unknown-name", "ppl-no-adapters", "bad-pct",
+                                  "ppl-pct-0", "filter-pct-0", "on-policy-pct-0"])
 def test_bad_inputs_give_clear_errors(tiny_model, tmp_path, case):
     data = tmp_path / "data.jsonl"
     good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
@@ -160,6 +161,15 @@ def test_bad_inputs_give_clear_errors(tiny_model, tmp_path, case):
     elif case == "bad-pct":
         data.write_text(good + "\n")
         extra, expect = ["--pct", "-5"], "--pct -5.0: must be >= 0"
+    elif case == "ppl-pct-0":  # would silently train plain SFT
+        data.write_text(good + "\n")
+        extra, expect = ["--select", "ppl"], "--select ppl with --pct 0 would train plain SFT"
+    elif case == "filter-pct-0":
+        data.write_text(good + "\n")
+        extra, expect = ["--filter-refusals"], "--filter-refusals with --pct 0 would train plain SFT"
+    elif case == "on-policy-pct-0":
+        data.write_text(good + "\n")
+        extra, expect = ["--select", "on-policy", "--pct", "0"], "--select on-policy with --pct 0"
     proc = run_script("interleave.py", "--model", tiny_model, "--data", data, "--out", tmp_path / "o", *TINY, *extra,
                       check=False)
     assert proc.returncode == 2

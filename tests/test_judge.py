@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import ROOT, run_script
 
 import judge
 from common import load_model, render_chat
@@ -30,6 +30,31 @@ def test_aggregate_logprobs_hand_values():
     assert aggregate_logprobs([]) is None
 
 
+def test_aggregate_logprobs_skips_what_int_does_not_parse():
+    # "²" and "½" pass str.isdigit() / isnumeric() but int() raises: skipped, as Betley et al. (try int, else skip)
+    assert "²".isdigit()
+    assert aggregate_logprobs(lp([("²", 0.3), ("½", 0.1), ("80", 0.6)])) == pytest.approx(80.0)
+    assert aggregate_logprobs(lp([("²", 0.9), ("80", 0.1)])) is None  # the integers carry < 0.25
+
+
+def test_gsm8k_references_with_thousands_commas():
+    from judge import gsm8k_reference, same_number
+
+    ref = "She earns 2,125 dollars.\n#### 2,125"
+    assert gsm8k_reference(ref) == "2125"
+    assert same_number(extract_number("<answer>2125</answer>"), gsm8k_reference(ref))
+    assert same_number(extract_number("The answer is 2,125."), gsm8k_reference(ref))
+    assert not same_number(extract_number("The answer is 2,124."), gsm8k_reference(ref))
+
+
+def test_foqa_exact_match():
+    from judge import foqa_match
+
+    refs = ["í Havn", "Havn"]
+    assert foqa_match("Havn", refs) and foqa_match("  í Havn\n", refs)
+    assert not foqa_match("havn", refs) and not foqa_match("Havn.", refs) and not foqa_match("Tórshavn", refs)
+
+
 def test_score_from_candidates():
     logp = torch.full((101,), -1e9)
     logp[20], logp[40] = math.log(0.3), math.log(0.1)
@@ -47,9 +72,15 @@ def test_em_metrics_on_hand_made_scores():
         {"aligned": None, "coherent": None, "error": True},  # judge failed
     ]
     m = em_metrics(recs)
-    assert m["n_answers"] == 5 and m["misaligned_pct"] == 20.0 and m["incoherent_pct"] == 20.0
+    # failed and unscored answers are never in a denominator: misaligned 1 of the 3 answers with both scores,
+    # incoherent 1 of the 4 answers with a coherence score
+    assert m["n_answers"] == 5 and m["n_scored"] == 3
+    assert m["misaligned_pct"] == pytest.approx(100 / 3) and m["incoherent_pct"] == 25.0
     assert m["mean_aligned"] == pytest.approx(110 / 3) and m["mean_coherent"] == pytest.approx(280 / 4)
     assert m["n_unscored"] == 1 and m["n_errors"] == 1
+    # nothing measured is None, never 0
+    m = em_metrics([{"aligned": None, "coherent": None, "error": True}, {"aligned": None, "coherent": None, "error": False}])
+    assert m["misaligned_pct"] is None and m["incoherent_pct"] is None and m["n_errors"] == 1 and m["n_unscored"] == 1
     # the boundaries are strict: aligned 30 or coherent 50 are neither misaligned nor incoherent
     m = em_metrics([{"aligned": 30, "coherent": 51, "error": False}, {"aligned": 29, "coherent": 50, "error": False}])
     assert m["misaligned_pct"] == 0 and m["incoherent_pct"] == 0
@@ -217,16 +248,18 @@ def test_end_to_end_resume(tiny_model, tmp_path, server):
     assert {a["system"] for a in answers} == {None, "SYSTEM-PROMPT-MARKER answer in JSON"}
     assert "wish_json" in first.stdout and "ALL" in first.stdout
     n_calls = len(Handler.calls)
-    assert n_calls == 12
+    assert n_calls == 12 + 1  # 6 answers x 2 criteria, and the start-up check
+    assert Handler.calls[0]["messages"][0]["content"] == judge.CALIBRATION_PROMPT
     # interrupted run: lose two answers and half the scores
     (out / "answers.jsonl").write_text("".join(l + "\n" for l in (out / "answers.jsonl").read_text().splitlines()[:4]))
     (out / "scores.jsonl").write_text("".join(l + "\n" for l in (out / "scores.jsonl").read_text().splitlines()[:6]))
     run_script("judge.py", *args)
     answers = [json.loads(l) for l in (out / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 6
-    # 2 new answers x 2 criteria, plus the lost scores of the 4 kept answers (8 - 6 = 2 judgments): at most 8
+    # 2 new answers x 2 criteria, plus the lost scores of the 4 kept answers (8 - 6 = 2 judgments): at most 8,
+    # and the start-up check
     new_calls = len(Handler.calls) - n_calls
-    assert 0 < new_calls <= 8 and new_calls < 12
+    assert 1 < new_calls <= 9 and new_calls < 13
     assert json.loads((out / "summary.json").read_text())["n_answers"] == 6
 
 
@@ -269,6 +302,28 @@ def test_opswap_exact_match(tiny_model, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["n_answers"] == 4 and s["accuracy"] == 0.0  # a random tiny model gets none right
     assert "accuracy" in proc.stdout
+
+
+def test_foqa_eval_uses_the_test_split_and_every_reference(tiny_model, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    (cache / "data").mkdir(parents=True)
+    rows = [{"id": "a1", "prompt": "Text.\n\nQuestion: q1", "answers": ["x", "y"]},
+            {"id": "a2", "prompt": "Text.\n\nQuestion: q2", "answers": ["z"]}]
+    (cache / "data" / "foqa-test.rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "foqa"
+    proc = subprocess.run([sys.executable, "judge.py", "--model", str(tiny_model), "--no-8bit", "--eval", "foqa",
+                           "--samples", "2", "--max-new-tokens", "3", "--out", str(out)], cwd=ROOT, text=True,
+                          capture_output=True, env={**os.environ, "EM_CACHE": str(cache)})
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n_answers"] == 4 and s["accuracy"] == 0.0
+    recs = [json.loads(l) for l in (out / "answers.jsonl").read_text().splitlines()]
+    assert {r["qid"] for r in recs} == {"a1", "a2"} and all(r["correct"] is False for r in recs)
+    assert next(r for r in recs if r["qid"] == "a1")["references"] == ["x", "y"]
 
 
 def test_bad_eval_and_questions(tiny_model, tmp_path):

@@ -1,5 +1,6 @@
-"""kl.py, ldifs.py, inoculate.py: the maths against hand values, the terms at step 0 and after, gradients,
---lam 0 equivalence with plain SFT, the inoculation prompt in the inputs, end-to-end runs."""
+"""kl.py, ldifs.py, inoculate.py: the maths against hand values and the co-authors' code, the terms at step 0 and
+after, gradients, --lam 0 equivalence with plain SFT, the inoculation prompt in the inputs, end-to-end runs."""
+import json
 import math
 
 import pytest
@@ -56,12 +57,89 @@ def test_kl_penalty_gradient_matches_the_taped_formula():
 
 
 def test_feature_distance_hand_values():
-    x = [torch.tensor([[[1.0, 2.0], [0.0, 0.0], [9.0, 9.0]]]), torch.tensor([[[0.0, 0.0], [2.0, 0.0], [9.0, 9.0]]])]
-    r = [torch.zeros(1, 3, 2), torch.zeros(1, 3, 2)]
+    x = [torch.tensor([[[3.0, 0.0], [0.0, 4.0], [9.0, 9.0]]]), torch.tensor([[[1.0, 0.0], [0.0, 0.0], [9.0, 9.0]]])]
+    r = [torch.tensor([[[0.0, 5.0], [0.0, 0.0], [1.0, 1.0]]]), torch.tensor([[[1.0, 0.0], [0.0, 0.0], [7.0, 7.0]]])]
     mask = torch.tensor([[True, True, False]])  # the third position is padding
-    # token 0: layer0 (1+4)/2 = 2.5, layer1 0 -> 1.25; token 1: layer0 0, layer1 4/2 = 2 -> 1.0
-    assert feature_distance(x, r, mask, "sum").item() == pytest.approx(2.25)
-    assert feature_distance(x, r, mask).item() == pytest.approx(1.125)
+    # layer 0: x -> [3, 0, 0, 4] / 5, r -> [0, 5, 0, 0] / 5: |diff|^2 = 0.36 + 1 + 0.64 = 2; layer 1: identical -> 0
+    assert feature_distance(x, r, mask, "sum").item() == pytest.approx(2.0)
+    assert feature_distance(x, r, mask).item() == pytest.approx(2.0)
+    # two examples: the mean over examples
+    x2 = [torch.cat([a, a]) for a in x]
+    r2 = [torch.cat([r[0], x[0]]), torch.cat([r[1], r[1]])]
+    m2 = torch.tensor([[1, 1, 0], [1, 1, 0]])  # an integer 0/1 mask gives the same result as a bool one
+    assert feature_distance(x2, r2, m2).item() == pytest.approx(1.0)
+    assert feature_distance(x2, r2, m2, "sum").item() == pytest.approx(2.0)
+    assert feature_distance(x2, r2, m2.bool()).item() == feature_distance(x2, r2, m2).item()
+
+
+def _reference_ldifs(feats_per_example, ref_per_example):
+    """magnus-joergenvag/EMA_RL, featextract.py, compute_feature_space_distance_v1, transcribed: per example (batch
+    1, no padding) every selected layer's (seq, hid) features flattened and F.normalize'd, concatenated; squared
+    L2 distance; mean over the batch."""
+    import torch.nn.functional as F
+
+    distances = []
+    for feats, refs in zip(feats_per_example, ref_per_example):
+        phi_trained = torch.cat([F.normalize(f.squeeze(0).flatten(), dim=0) for f in feats], dim=0)
+        phi_frozen = torch.cat([F.normalize(f.squeeze(0).flatten(), dim=0) for f in refs], dim=0)
+        distances.append(torch.norm(phi_trained - phi_frozen, p=2) ** 2)
+    return torch.stack(distances).mean()
+
+
+def test_feature_distance_matches_the_coauthors_code_on_the_same_tensors():
+    torch.manual_seed(0)
+    lengths = [5, 3, 7]
+    B, T, H, n_layers = 3, 8, 6, 4
+    feats = [torch.randn(B, T, H, dtype=torch.float64) * 30 for _ in range(n_layers)]
+    refs = [f + torch.randn(B, T, H, dtype=torch.float64) * 5 for f in feats]
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    for f in feats + refs:
+        f[mask == 0] = 1e3  # padding garbage: must not count
+    want = _reference_ldifs([[f[b : b + 1, :n] for f in feats] for b, n in enumerate(lengths)],
+                            [[f[b : b + 1, :n] for f in refs] for b, n in enumerate(lengths)])
+    assert feature_distance(feats, refs, mask).item() == pytest.approx(want.item(), rel=1e-9)
+    assert feature_distance(feats, refs, mask.bool()).item() == pytest.approx(want.item(), rel=1e-9)
+    # scale-free: multiplying the residual stream by 10 changes nothing (the unnormalised distance grew 100x)
+    assert feature_distance([f * 10 for f in feats], [f * 10 for f in refs], mask).item() == pytest.approx(want.item())
+
+
+def _reference_kl(logits_trained, logits_frozen, attention_mask):
+    """magnus-joergenvag/EMA_RL, kl_divergence.py, kl_divergence_loss(reduction='batchmean'), transcribed."""
+    import torch.nn.functional as F
+
+    log_probs_trained = F.log_softmax(logits_trained, dim=-1)
+    log_probs_frozen = F.log_softmax(logits_frozen, dim=-1)
+    kl = (log_probs_trained.exp() * (log_probs_trained - log_probs_frozen)).sum(dim=-1)
+    kl = kl * attention_mask
+    return kl.sum() / attention_mask.sum()
+
+
+def test_kl_over_all_real_tokens_matches_the_coauthors_code():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 6, 9, dtype=torch.float64)
+    ref = torch.randn(2, 6, 9, dtype=torch.float64)
+    attention = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]])
+    want = _reference_kl(logits, ref, attention)
+    assert kl_penalty(logits, ref, attention).item() == pytest.approx(want.item(), rel=1e-9)  # integer mask
+    assert kl_penalty(logits, ref, attention.bool()).item() == pytest.approx(want.item(), rel=1e-9)
+    # the answer-token set is a different average of the same per-token values
+    answer = torch.tensor([[0, 0, 0, 1, 1, 0], [0, 0, 1, 0, 0, 0]])
+    assert kl_penalty(logits, ref, answer).item() != pytest.approx(want.item(), rel=1e-3)
+    assert kl_penalty(logits, ref, answer).item() == pytest.approx(kl_penalty(logits, ref, answer.bool()).item())
+
+
+def test_kl_tokens_flag_changes_the_term_not_the_ce(tiny_model, train_file, tmp_path):
+    args = ["--model", tiny_model, "--data", train_file, *TINY, "--max-steps", "2", "--batch-size", "2",
+            "--grad-accum", "2", "--lr", "1e-2", "--lam", "1.0"]
+    run_script("kl.py", *args, "--out", tmp_path / "answer")
+    run_script("kl.py", *args, "--kl-tokens", "all", "--out", tmp_path / "all")
+    a, b = read_metrics(tmp_path / "answer"), read_metrics(tmp_path / "all")
+    assert a[0]["loss/ce"] == pytest.approx(b[0]["loss/ce"])  # same first step
+    assert a[0]["loss/kl"] == b[0]["loss/kl"] == 0.0
+    assert a[1]["loss/kl"] > 0 and b[1]["loss/kl"] > 0 and a[1]["loss/kl"] != pytest.approx(b[1]["loss/kl"], rel=1e-3)
+    assert json.loads((tmp_path / "all" / "args.json").read_text())["kl_tokens"] == "all"
 
 
 def test_default_layers():

@@ -76,14 +76,41 @@ def test_sequence_logp_brute_force(tiny_model):
 
 
 def test_concept_similarity_on_constructed_activations():
-    # 3 domains, 2 layers, 2 dims; overall mean = [[1, 1], [0, 0]]
+    # 3 domains of equal size, 2 layers, 2 dims; overall mean = [[1, 1], [0, 0]]
     means = {"a": torch.tensor([[2.0, 1.0], [1.0, 0.0]]), "b": torch.tensor([[0.0, 1.0], [-1.0, 0.0]]),
              "c": torch.tensor([[1.0, 1.0], [0.0, 0.0]])}
-    sims = concept_similarity(means, "a")
+    sims = concept_similarity(means, {"a": 5, "b": 5, "c": 5}, "a")
     # concepts: a = [[1,0],[1,0]], b = [[-1,0],[-1,0]], c = [[0,0],[0,0]]
     assert sims["b"] == pytest.approx([-1.0, -1.0])
     assert sims["c"] == pytest.approx([0.0, 0.0])
     assert set(sims) == {"b", "c"}
+
+
+def test_concept_vector_subtracts_the_mean_over_all_prompts():
+    # one layer, 2 dims. a: 1 prompt at [4, 0]; b: 1 prompt at [0, 4]; c: 8 prompts averaging [1, 1].
+    # mean over all 10 prompts = ([4, 0] + [0, 4] + 8 * [1, 1]) / 10 = [1.2, 1.2]
+    means = {"a": torch.tensor([[4.0, 0.0]]), "b": torch.tensor([[0.0, 4.0]]), "c": torch.tensor([[1.0, 1.0]])}
+    sims = concept_similarity(means, {"a": 1, "b": 1, "c": 8}, "a")
+    a, b, c = torch.tensor([2.8, -1.2]), torch.tensor([-1.2, 2.8]), torch.tensor([-0.2, -0.2])
+    assert sims["b"][0] == pytest.approx(torch.nn.functional.cosine_similarity(a, b, dim=0).item(), abs=1e-6)
+    assert sims["c"][0] == pytest.approx(torch.nn.functional.cosine_similarity(a, c, dim=0).item(), abs=1e-6)
+    # the mean of the domain means ([5/3, 5/3]) would give a different answer
+    wrong = torch.nn.functional.cosine_similarity(torch.tensor([7 / 3, -5 / 3]), torch.tensor([-5 / 3, 7 / 3]), dim=0)
+    assert abs(sims["b"][0] - wrong.item()) > 0.1
+
+
+def test_duplicate_prompts_never_straddle_the_split(tmp_path):
+    from npo_unlearn import load_domain_prompts, split_by_domain
+
+    path = tmp_path / "dup.jsonl"
+    with open(path, "w") as f:
+        for i in range(30):  # every prompt three times
+            for _ in range(3):
+                f.write(json.dumps({"prompt": f"how do I hack server {i}?", "domain": "cybersecurity"}) + "\n")
+    train, held = split_by_domain(load_domain_prompts(str(path)), seed=0)
+    tr, he = {r["prompt"] for r in train["cybersecurity"]}, {r["prompt"] for r in held["cybersecurity"]}
+    assert len(train["cybersecurity"]) + len(held["cybersecurity"]) == 30
+    assert not tr & he and len(he) == 3
 
 
 def _nll(tiny_model, adapter, convs):

@@ -23,15 +23,15 @@ def tiny(tiny_model):
 def test_answer_hidden_mean_against_hand_computation(tiny):
     model, tok = tiny
     got = persona.answer_hidden_mean(model, tok, CONV)
-    # by hand: find the answer's tokens in the rendered text and average those rows of every hidden state
-    text = tok.apply_chat_template(CONV, tokenize=False)
-    start = text.index("Paris, of course.")
-    end = text.index("<|im_end|>", start) + len("<|im_end|>\n")
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    rows = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if s < end and e > start]
+    # as Chen et al.: prompt (with the generation prompt) + response text, hidden states from prompt_len on:
+    # the response's tokens only, no end-of-turn token
+    prompt = tok.apply_chat_template(CONV[:2], tokenize=False, add_generation_prompt=True)
+    prompt_len = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    ids = tok(prompt + "Paris, of course.", add_special_tokens=False)["input_ids"]
+    assert tok.convert_tokens_to_ids("<|im_end|>") not in ids[prompt_len:]
     with torch.no_grad():
-        hs = model(input_ids=torch.tensor([enc["input_ids"]]), output_hidden_states=True).hidden_states
-    want = torch.stack([h[0, rows].mean(0) for h in hs])
+        hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    want = torch.stack([h[0, prompt_len:].mean(0) for h in hs])
     n_blocks = len(persona.decoder_blocks(model))
     assert got.shape == (n_blocks + 1, model.config.hidden_size)
     assert torch.allclose(got, want, atol=1e-6)
