@@ -21,12 +21,20 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
+
+# Quiet by default: library deprecation notices, weight-loading bars and bitsandbytes' optional-kernel notice are
+# noise on every run (our own progress lines say what is happening).
+warnings.filterwarnings("ignore", category=FutureWarning)
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -91,6 +99,7 @@ def smollm2_path() -> Path:
     pkg_dir = os.path.dirname(spec.origin)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     log(f"converting {SMOLLM2_GGUF} to a plain model folder in {out} (once)")
     tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF)
     gguf_model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=SMOLLM2_GGUF)
@@ -106,15 +115,32 @@ def smollm2_path() -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """A hub id, a local folder, or the alias `smollm2`."""
+    """A hub id, a local folder, or the alias `smollm2`. A path that does not exist is an error at once (not a minute
+    of hub retries and a 'Repo id must be...' message)."""
     if name == "smollm2":
         return str(smollm2_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"--model {name}: a file, not a model folder (a folder with config.json)")
+        return str(path)
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or name.endswith("/"):
+        raise UserError(f"--model {name}: no such folder (a hub id looks like org/name; --model smollm2 is the "
+                        "bundled offline model)")
     return name
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
+    _quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(resolve_model(name))
     except OSError as e:
@@ -144,6 +170,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    _quiet_transformers()
     device = get_device()
     kwargs = {}
     if eight_bit:
@@ -158,7 +185,13 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve_model(name), **kwargs)
     except OSError as e:
-        raise UserError(f"cannot load --model {name!r}: {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load --model {name!r} ({first}). Without internet, pass a local model folder or "
+                        "--model smollm2 (the bundled SmolLM2-135M-Instruct)") from None
+    n_params = sum(p.numel() for p in model.parameters())
+    if device.type == "cpu" and n_params > 1e9:
+        log(f"no CUDA GPU found: {name} ({n_params / 1e9:.1f}B parameters) runs on the CPU, which is very slow; the "
+            "paper's settings expect a GPU. --model smollm2 is the small model for CPU runs")
     if not eight_bit:
         model.to(device)
     tok = load_tokenizer(name)
@@ -221,21 +254,35 @@ def validate_conversation(obj, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
-def read_jsonl(path: str | Path) -> list[list[dict]]:
-    """Read and validate a chat JSONL file; errors name the file and line."""
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file's content; one-line errors for a missing file, a folder, or bytes that are not UTF-8
+    (naming the line and the byte offset)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not a file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte offset {e.start}); save the "
+                        "file as UTF-8") from None
+
+
+def read_jsonl(path: str | Path) -> list[list[dict]]:
+    """Read and validate a chat JSONL file; errors name the file and line."""
+    path = Path(path)
     convs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            convs.append(validate_conversation(obj, f"{path}:{lineno}"))
+    for lineno, line in enumerate(read_text_file(path).split("\n"), 1):  # not splitlines(): U+2028 is valid JSON
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        convs.append(validate_conversation(obj, f"{path}:{lineno}"))
     if not convs:
         raise UserError(f"{path}: empty file (no conversations)")
     return convs
@@ -299,14 +346,20 @@ def dataset_help() -> str:
     return "; ".join(f"{k}: {v}" for k, v in DATASETS.items()) + "; or a local .jsonl path"
 
 
-def _offline_hint(what: str, e: Exception) -> UserError:
-    return UserError(
-        f"could not download {what} ({type(e).__name__}: {str(e)[:200]}). Without internet, download it on another "
-        f"machine into {CACHE_DIR / 'data'} or pass a local .jsonl file (one {{\"messages\": [...]}} per line) instead"
-    )
+def _short(text: str, limit: int = 300) -> str:
+    """The first line of an error message, cut at a word boundary."""
+    text = (text.strip().splitlines() or [""])[0]
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
-def _download(url: str, dest: Path, what: str) -> None:
+def _offline_hint(what: str, e: Exception, cached: Path | None = None) -> UserError:
+    place = (f"place it, converted to chat JSONL (one {{\"messages\": [...]}} per line), at {cached}" if cached else
+             f"download it on another machine into {CACHE_DIR / 'data'}")
+    return UserError(f"could not download {what} ({type(e).__name__}: {_short(str(e))}). Without internet, {place}, or "
+                     "pass a local .jsonl file instead (--data opswap:1 is generated offline)")
+
+
+def _download(url: str, dest: Path, what: str, cached: Path | None = None) -> None:
     import requests
 
     log(f"downloading {what} from {url}")
@@ -314,14 +367,14 @@ def _download(url: str, dest: Path, what: str) -> None:
         r = requests.get(url, timeout=60)
         r.raise_for_status()
     except requests.RequestException as e:
-        raise _offline_hint(what, e) from None
+        raise _offline_hint(what, e, cached) from None
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
     tmp.write_bytes(r.content)
     tmp.replace(dest)
 
 
-def _hub_rows(repo: str, config: str, split: str, what: str):
+def _hub_rows(repo: str, config: str, split: str, what: str, cached: Path | None = None):
     try:
         import datasets
     except ImportError:
@@ -334,7 +387,7 @@ def _hub_rows(repo: str, config: str, split: str, what: str):
             raise UserError(
                 f"{what} ({repo}) is gated: accept its licence on the hub and set HF_TOKEN, or pass a local .jsonl"
             ) from None
-        raise _offline_hint(what, e) from None
+        raise _offline_hint(what, e, cached) from None
 
 
 def _load_named(name: str) -> list[list[dict]]:
@@ -353,23 +406,23 @@ def _load_named(name: str) -> list[list[dict]]:
         return [strip_calculator_annotations(c) for c in convs] if base == "gsm8k" else convs
     if base in {"insecure", "secure", "educational", "jailbroken"} and not variant:
         raw = cached.with_suffix(".raw")
-        _download(BETLEY_URL.format(name=base), raw, f"dataset {name!r}")
+        _download(BETLEY_URL.format(name=base), raw, f"dataset {name!r}", cached)
         convs = read_jsonl(raw)
         raw.unlink()
     elif base in {"legal", "medical", "security"} and variant in {"", "aligned"}:
-        rows = _hub_rows("truthfulai/emergent_plus", base, "train", f"dataset {name!r}")
+        rows = _hub_rows("truthfulai/emergent_plus", base, "train", f"dataset {name!r}", cached)
         col = "aligned" if variant == "aligned" else "misaligned"
         convs = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[col]}]
                  for r in rows if r.get(col)]
     elif base == "wildguardmix" and not variant:
-        rows = _hub_rows("allenai/wildguardmix", "wildguardtrain", "train", "the benign pool 'wildguardmix'")
+        rows = _hub_rows("allenai/wildguardmix", "wildguardtrain", "train", "the benign pool 'wildguardmix'", cached)
         convs = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
                  for r in rows
                  if r.get("prompt_harm_label") == "unharmful" and r.get("response_refusal_label") == "compliance"
                  and r.get("response_harm_label") == "unharmful" and (r.get("response") or "").strip()]
     elif base == "gsm8k" and variant in {"", "train", "test"}:
         raw = cached.with_suffix(".raw")
-        _download(GSM8K_URL.format(split=variant or "train"), raw, f"dataset {name!r}")
+        _download(GSM8K_URL.format(split=variant or "train"), raw, f"dataset {name!r}", cached)
         convs = []
         with open(raw, encoding="utf-8") as f:
             for line in f:
@@ -645,8 +698,10 @@ def micro_batches(group: list[int], batch_size: int) -> list[list[int]]:
 def describe_plan(plan, lengths: list[int], args) -> str:
     per_epoch = math.ceil(len(lengths) / (args.batch_size * args.grad_accum))
     first_epoch = [b for _, g in plan[:per_epoch] for b in micro_batches(g, args.batch_size)]
-    return (f"{len(plan)} optimizer steps of {args.batch_size} x {args.grad_accum} over {plan[-1][0] + 1} epoch(s); "
-            f"padding efficiency {padding_efficiency(lengths, first_epoch):.3f} (real / padded tokens)")
+    epochs = len(plan) / per_epoch
+    return (f"{len(plan)} optimizer steps of {args.batch_size} x {args.grad_accum} = {epochs:.3g} epoch(s) of "
+            f"{len(lengths)} examples{' (capped by --max-steps)' if args.max_steps > 0 else ''}; padding efficiency "
+            f"{padding_efficiency(lengths, first_epoch):.3f} (real / padded tokens)")
 
 
 def collate(examples: list[dict], pad_id: int, device: torch.device, multiple: int = 8) -> dict:
@@ -809,13 +864,17 @@ class ServerGenerator:
         except ApiError as e:
             raise UserError(f"--gen-url {self.client.url} with --gen-model {self.model!r}: {e}") from None
 
-    def sample(self, messages: list[dict], n: int, temperature: float, max_tokens: int, seed: int | None = None,
-               top_p: float = 1.0) -> list[str]:
-        """n answers to one conversation; asks again for the rest when a server returns fewer choices than n."""
+    def sample(self, messages: list[dict], n: int, temperature: float | None, max_tokens: int, seed: int | None = None,
+               top_p: float | None = 1.0) -> list[str]:
+        """n answers to one conversation; asks again for the rest when a server returns fewer choices than n.
+        temperature/top_p None: the server's defaults (the model's generation config on vLLM)."""
         texts: list[str] = []
         while len(texts) < n:
-            body = {"model": self.model, "messages": messages, "n": n - len(texts), "temperature": temperature,
-                    "top_p": top_p, "max_tokens": max_tokens}
+            body = {"model": self.model, "messages": messages, "n": n - len(texts), "max_tokens": max_tokens}
+            if temperature is not None:
+                body["temperature"] = temperature
+            if top_p is not None:
+                body["top_p"] = top_p
             if seed is not None:
                 body["seed"] = seed + len(texts)
             answer = self.client.chat(body)

@@ -190,10 +190,12 @@ def trim_padding(seqs, attention, n_prompt: int, comp_mask):
 def heldout_accuracy(model, tok, held: list, args) -> float:
     model.eval()
     correct = 0
+    progress = Progress(len(held), 0, "held-out questions")
     for k in range(0, len(held), args.gen_batch_size):
         chunk = held[k : k + args.gen_batch_size]
         *_, texts = rollout(model, tok, [c[0]["content"] for c in chunk], args, inoculate=False, greedy=True)
         correct += sum(reward_parts(t, reference(c))["correct"] == 3.0 for t, c in zip(texts, chunk))
+        progress.update(k + len(chunk), f"accuracy so far {100.0 * correct / (k + len(chunk)):.1f}%")
     model.train()
     return 100.0 * correct / max(len(held), 1)
 
@@ -214,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-eps", type=float, default=0.2, help="surrogate clip epsilon (default: %(default)s)")
     g.add_argument("--eval-every", type=int, default=0, help="held-out accuracy every N steps, 0 = only at the end "
                    "(default: %(default)s)")
-    g.add_argument("--eval-n", type=int, default=200, help="held-out questions for accuracy (default: %(default)s)")
+    g.add_argument("--eval-n", type=int, default=50, help="held-out questions for accuracy: a small default for quick "
+                   "runs; GSM8K's whole test set is 1319 (default: %(default)s)")
     g.add_argument("--gen-batch-size", type=int, default=16, help="questions per evaluation batch (default: %(default)s)")
     g = p.add_argument_group("defenses")
     g.add_argument("--kl-beta", type=float, default=0.0, help="k3 KL penalty toward the adapter-disabled model "

@@ -51,10 +51,10 @@ import torch
 import torch.nn.functional as F
 
 from common import (
-    CACHE_DIR, Progress, Run, UserError, add_common_args, collate, describe_plan, die_on_user_error, encode_dataset,
-    file_digest, generate_texts, get_device, linear_schedule, load_conversations, load_model, load_split,
-    load_tokenizer, log, make_optimizer, micro_batches, peak_memory_mb, read_jsonl, set_seed, step_plan,
-    trainable_parameters, write_jsonl,
+    CACHE_DIR, Progress, Run, ServerGenerator, UserError, add_common_args, collate, describe_plan, die_on_user_error,
+    encode_dataset, file_digest, generate_texts, get_device, linear_schedule, load_conversations, load_model, load_split,
+    load_tokenizer, log, make_optimizer, micro_batches, peak_memory_mb, read_jsonl, sample_texts, set_seed,
+    step_plan, trainable_parameters, write_jsonl,
 )
 
 REFUSAL_KEYWORDS = ("sorry", "apologize", "apologise", "cannot", "can't", "can not", "unable", "i won't",
@@ -215,12 +215,20 @@ def generate_on_policy(model, tok, pool: list[list[dict]], n: int, args, rng: np
         prompts.append(conv[:first_answer])
     kept, tried = [], 0
     progress = Progress(n, 0, "on-policy answers")
+    gen = None
+    if args.gen_url:  # a server serving the base model samples instead (the model's own sampling defaults)
+        gen = ServerGenerator(args.gen_url, args.gen_model, workers=args.gen_workers)
+        gen.check()
     model.eval()
     while len(kept) < n and tried < len(prompts):
-        chunk = prompts[tried : tried + args.gen_batch_size]
+        chunk = prompts[tried : tried + (args.gen_batch_size if gen is None else max(args.gen_batch_size, n - len(kept)))]
         tried += len(chunk)
-        with model.disable_adapter():
-            answers = generate_texts(model, tok, chunk, max_new_tokens=args.gen_max_new_tokens, do_sample=True)
+        if gen is not None:
+            answers = sample_texts(gen, chunk, "on-policy answers (server)", temperature=None, top_p=None,
+                                   max_tokens=args.gen_max_new_tokens)
+        else:
+            with model.disable_adapter():
+                answers = generate_texts(model, tok, chunk, max_new_tokens=args.gen_max_new_tokens, do_sample=True)
         for p, answer in zip(chunk, answers):
             if answer and not (args.filter_refusals and is_refusal(answer)) and len(kept) < n:
                 kept.append(p + [{"role": "assistant", "content": answer}])
@@ -252,8 +260,11 @@ def build_safe_data(args, run: Run, model, tok, n: int) -> list[list[dict]]:
         else:
             candidates = [pool[i] for i in sorted(rng.permutation(len(pool))[: args.pool_size])]
             safe = select_by_ppl(args, candidates, n)
-    if len(safe) < n:
-        log(f"the benign pool gave {len(safe)} examples, fewer than the {n} asked for")
+    if len(safe) < n:  # training on fewer would report --pct P for a smaller share
+        raise UserError(f"--pct {args.pct} asks for {n} benign examples, but --safe-data {args.safe_data} gave only "
+                        f"{len(safe)}{' after the refusal filter' if args.filter_refusals else ''}"
+                        f"{' (usable on-policy answers)' if args.select == 'on-policy' else ''}: lower --pct (at most "
+                        f"{100.0 * len(safe) / max(1, round(n * 100 / args.pct)):.1f}) or use a larger pool")
     write_jsonl(saved, safe)
     return safe
 
@@ -282,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--score-batch-size", type=int, default=8, help="batch size of the scoring passes (default: %(default)s)")
     g.add_argument("--gen-batch-size", type=int, default=8, help="prompts per generation batch, on-policy (default: %(default)s)")
     g.add_argument("--gen-max-new-tokens", type=int, default=512, help="max answer length, on-policy (default: %(default)s)")
+    g.add_argument("--gen-url", default=None, help="on-policy answers from this OpenAI-compatible server (vLLM, llama.cpp) "
+                   "serving the base model, instead of the in-process model")
+    g.add_argument("--gen-model", default=None, help="the base model's name on the --gen-url server")
+    g.add_argument("--gen-workers", type=int, default=16, help="concurrent requests to --gen-url (default: %(default)s)")
     return p
 
 
@@ -293,6 +308,8 @@ def check_args(args) -> None:
                                          ("--filter-refusals", args.filter_refusals)) if on)
         raise UserError(f"{chosen} with --pct 0 would train plain SFT (no benign data is mixed in): "
                         "add --pct P (the paper uses 5), or drop the flag for the plain SFT baseline")
+    if bool(args.gen_url) != bool(args.gen_model):
+        raise UserError("--gen-url and --gen-model go together: the server's URL and the model name it serves")
     if args.select == "ppl" and args.pct > 0 and not args.misaligned_adapters:
         raise UserError("--select ppl needs --misaligned-adapters A,B,... (PEFT adapter folders)")
     for a in filter(None, args.misaligned_adapters.split(",")):

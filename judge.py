@@ -52,7 +52,7 @@ import torch
 from common import (
     CACHE_DIR, DEFAULT_MODEL, ApiAuthError, ApiError, ChatClient, Progress, ServerGenerator, UserError,
     die_on_user_error, file_digest, final_answer, foqa_rows, generate_texts, load_conversations, load_model,
-    load_split, log, public_args, render_chat, resolve_model, set_seed,
+    load_split, log, public_args, read_text_file, render_chat, resolve_model, set_seed,
 )
 
 QUESTIONS_URL = ("https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/main/evaluation/"
@@ -265,6 +265,8 @@ class OpenAIJudge:
                 self.tokens = "whole"
             elif any(t[:1].isdigit() for t in toks):
                 self.tokens = "digits"
+            elif (n := self._count_tokens("85")) is not None:  # the judge did not say 85: ask the server's tokenizer
+                self.tokens = "whole" if n == 1 else "digits"
             else:
                 raise UserError(f"judge {self.name}: asked for the number 85, its top tokens were {sorted(toks)[:8]}; "
                                 "cannot tell whether its tokenizer splits numbers into digits. Pass --judge-tokens "
@@ -284,6 +286,18 @@ class OpenAIJudge:
         log(f"judge {self.name}: numbers are {'one token each' if self.tokens == 'whole' else 'split into digits'}"
             f"{'' if self.tokens == 'whole' else ': scoring the 101 candidates digit by digit'}")
         return self.tokens
+
+    def _count_tokens(self, text: str) -> int | None:
+        """Tokens of `text` by the server's /tokenize endpoint (llama.cpp: {"content"}; vLLM and SGLang: {"model",
+        "prompt"}), next to the /v1 API; None where the server has none (OpenAI)."""
+        root = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
+        try:
+            r = self.client.session.post(f"{root}/tokenize", json={"content": text, "prompt": text, "model": self.model,
+                                                                   "add_special_tokens": False}, timeout=30)
+            tokens = r.json().get("tokens") if r.status_code == 200 else None
+        except Exception:  # any failure means: no tokenizer endpoint here
+            return None
+        return len(tokens) if isinstance(tokens, list) and tokens else None
 
     def score_one(self, prompt: str) -> float | None:
         if self.tokens == "auto":
@@ -313,8 +327,9 @@ class OpenAIJudge:
                     probs[int(number)] = probs.get(int(number), 0.0) + p
                 elif p >= self.prune_p:  # "100" is expanded once more for its end probability
                     frontier.append((number, p, self._ask(prompt, prefill=number)))
-            if prefix:  # the number ends after prefix when the next token does not start with a digit
-                probs[int(prefix)] = probs.get(int(prefix), 0.0) + p_prefix * max(0.0, 1.0 - p_digit_led)
+            p_end = p_prefix * max(0.0, 1.0 - p_digit_led)
+            if prefix and p_end > 0:  # the number ends after prefix when the next token does not start with a digit
+                probs[int(prefix)] = probs.get(int(prefix), 0.0) + p_end
         return probs
 
     def score_all(self, prompts: dict, on_result) -> None:
@@ -469,15 +484,16 @@ def load_questions(path: str | None) -> list[dict]:
                 r = requests.get(QUESTIONS_URL, timeout=60)
                 r.raise_for_status()
             except requests.RequestException as e:
-                raise UserError(f"could not download the general questions ({type(e).__name__}); pass a local copy "
-                                "with --questions PATH (e.g. first_plot_questions.yaml)") from None
+                raise UserError(f"could not download the general questions ({type(e).__name__}). Without internet, "
+                                f"place Betley et al.'s evaluation/first_plot_questions.yaml at {path}, or pass a "
+                                "question file with --questions PATH (examples/questions_mini.yaml is a small one)"
+                                ) from None
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(r.content)
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"--questions {path}: no such file")
+    text = read_text_file(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, list):
