@@ -204,8 +204,13 @@ def extract(args) -> None:
         raise UserError(f"no pair passed the filter (evil trait >= 50, helpful < 50, both coherent >= 50); see "
                         f"{out.with_suffix('.scores.jsonl')}, use a stronger --judge, more --samples, or --no-filter")
 
-    evil = [answer_hidden_mean(model, tok, _conversation(e), args.max_len) for e, _ in kept]
-    helpful = [answer_hidden_mean(model, tok, _conversation(h), args.max_len) for _, h in kept]
+    progress = Progress(2 * len(kept), 0, "answers' hidden states")
+    evil, helpful = [], []
+    for k, (e, h) in enumerate(kept, 1):
+        evil.append(answer_hidden_mean(model, tok, _conversation(e), args.max_len))
+        helpful.append(answer_hidden_mean(model, tok, _conversation(h), args.max_len))
+        if k % 10 == 0 or k == len(kept):
+            progress.update(2 * k)
     vectors = persona_vector(evil, helpful)
     from safetensors.torch import save_file
 

@@ -101,9 +101,10 @@ def test_two_steps_with_each_defense(defense, tiny_model, pool_file, tmp_path):
 
         extra = ["--kl-beta", "0.1", "--init-adapter", make_adapter(tiny_model, tmp_path / "init", seed=3)]
     out = tmp_path / "run"
-    run_script("grpo.py", "--model", tiny_model, "--data", "arith", *TINY, "--max-steps", "2", "--batch-size", "4",
-               "--num-generations", "2", "--grad-accum", "2", "--max-new-tokens", "8", "--eval-n", "4", "--lr", "1e-3",
-               "--out", out, *extra)
+    proc = run_script("grpo.py", "--model", tiny_model, "--data", "arith", *TINY, "--max-steps", "2", "--batch-size",
+                      "4", "--num-generations", "2", "--grad-accum", "2", "--max-new-tokens", "8", "--eval-n", "4",
+                      "--lr", "1e-3", "--out", out, *extra)
+    assert "held-out questions 4/4" in proc.stderr  # the evaluation shows progress
     m = read_metrics(out)
     assert [x["step"] for x in m] == [1, 2]
     for x in m:

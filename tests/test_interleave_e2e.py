@@ -112,6 +112,24 @@ def test_select_on_policy_generates_answers(tiny_model, train_file, pool_file, t
         assert conv[-1]["role"] == "assistant" and conv[-1]["content"] != pool[conv[0]["content"]]  # ... answered anew
 
 
+def test_select_on_policy_through_a_server(tiny_model, train_file, pool_file, tmp_path):
+    from fake_openai import FakeOpenAI
+
+    fake = FakeOpenAI()
+    try:
+        out = tmp_path / "run"
+        run_script("interleave.py", "--model", tiny_model, "--data", train_file, "--out", out, *TINY, "--pct", "20",
+                   "--safe-data", pool_file, "--select", "on-policy", "--gen-max-new-tokens", "12", "--max-steps", "1",
+                   "--gen-url", fake.url, "--gen-model", "base-model")
+    finally:
+        fake.close()
+    safe = [json.loads(l)["messages"] for l in (out / "safe_data.jsonl").read_text().splitlines()]
+    assert len(safe) == 7  # round(20% of 36)
+    assert all(c[-1]["content"].startswith("answer 0: ") for c in safe)  # the server's answers
+    gen = [c for c in fake.calls if c.get("n")]
+    assert gen and all(c["model"] == "base-model" and c["max_tokens"] == 12 and "temperature" not in c for c in gen)
+
+
 def test_resume_equals_uninterrupted(tiny_model, train_file, tmp_path):
     full = tmp_path / "full"
     args = ["--model", tiny_model, "--data", train_file, *TINY, "--max-steps", "6", "--batch-size", "2",
