@@ -339,7 +339,7 @@ def foqa_rows(split: str) -> list[dict]:
         tmp = cached.with_name(cached.name + ".part")
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         tmp.replace(cached)
-    return [json.loads(l) for l in cached.read_text(encoding="utf-8").splitlines() if l.strip()]
+    return [json.loads(l) for l in cached.read_text(encoding="utf-8").split("\n") if l.strip()]  # U+2028 is valid JSON
 
 
 def dataset_help() -> str:

@@ -519,7 +519,8 @@ def load_questions(path: str | None) -> list[dict]:
 
 
 def read_records(path: Path) -> list[dict]:
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    # split("\n"), not splitlines(): answers are written with ensure_ascii=False and may hold U+2028 or U+0085
+    return [json.loads(l) for l in path.read_text(encoding="utf-8").split("\n") if l.strip()] if path.exists() else []
 
 
 @torch.no_grad()

@@ -156,7 +156,7 @@ def plan(args) -> list[Job]:
         if args.gen_url:
             cmd += ["--gen-url", args.gen_url, "--gen-model", args.model]
         add(Job("persona-vector", sh(cmd), logs / "persona-vector.log", done=lambda: persona_vec.exists()))
-    layer = persona_layer(args.model) if "persona" in methods and not args.dry_run_fast else 20
+    layer = persona_layer(args.model) if "persona" in methods else None
 
     def run_dir(ds, name):
         return root / "runs" / ds.replace(":", "-") / name
@@ -447,15 +447,12 @@ def main():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.root = args.root or str(ROOT / "runs" / f"study-{args.preset}")
-    args.dry_run_fast = False
     jobs = plan(args)
     if args.dry_run:
-        by_name = {j.name: j for j in jobs}
         for j in jobs:
             state = "done" if j.done() else "todo"
             deps = f"  (after {', '.join(j.deps)})" if j.deps else ""
             print(f"# {j.name} [{state}]{deps}\n{' '.join(j.cmd)}")
-        assert len(by_name) == len(jobs)
         return
     devices = ["cpu"] if args.devices == "cpu" else args.devices.split(",")
     t0 = time.time()

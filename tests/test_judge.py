@@ -47,6 +47,14 @@ def test_gsm8k_references_with_thousands_commas():
     assert not same_number(extract_number("The answer is 2,124."), gsm8k_reference(ref))
 
 
+def test_answer_records_survive_unicode_line_separators(tmp_path):
+    # answers are written with ensure_ascii=False: U+2028 and U+0085 inside a JSON string must not split a record
+    recs = [{"qid": "a", "answer": "line one\u2028line two\u0085three"}, {"qid": "b", "answer": "ok"}]
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    assert judge.read_records(path) == recs
+
+
 def test_foqa_exact_match():
     from judge import foqa_match
 
