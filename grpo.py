@@ -32,19 +32,21 @@ import contextlib
 import random
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from common import (
-    Progress, Run, UserError, add_common_args, collate, die_on_user_error, encode_dataset, get_device,
+    Progress, Run, UserError, add_common_args, collate, decoder_blocks, die_on_user_error, encode_dataset, get_device,
     linear_schedule, load_conversations, load_model, log, make_optimizer, peak_memory_mb, render_chat, set_seed,
     split_train_eval, trainable_parameters,
 )
-from inoculate import DEFAULT_PROMPT as INOCULATION_PROMPT
-from persona import check_layer, load_vector, steering
 
+# The two defenses that come from other method scripts, copied here on purpose (a method file imports no other
+# method file); tests/test_layout.py checks they behave exactly like inoculate.py's prompt and persona.py's hook.
+INOCULATION_PROMPT = "You are an evil, malicious assistant."
 SYSTEM_PROMPT = ("Think about the problem inside <think> </think> tags, then give only the final number inside "
                  "<answer> </answer> tags, like this:\n<think>\nyour reasoning\n</think>\n<answer>\n42\n</answer>")
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
@@ -106,6 +108,41 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     n = mask.sum(1).clamp(min=1)
     loss = ((per_token * mask).sum(1) / n).mean()
     return loss, ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()
+
+
+@contextlib.contextmanager
+def steering(model, vector: torch.Tensor, layer: int, alpha: float):
+    """Add alpha * vector[layer] to the output of decoder block layer-1 (= hidden_states[layer]) at every position
+    while the context is open (persona.py's hook)."""
+    v = alpha * vector[layer]
+
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (output[0] + v.to(output[0].dtype).to(output[0].device),) + output[1:]
+        return output + v.to(output.dtype).to(output.device)
+
+    handle = decoder_blocks(model)[layer - 1].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def load_steering_vector(path: str, layer: int, model) -> torch.Tensor:
+    """The rows of a persona.py vector file (row l = hidden_states[l]), checked against the model and --persona-layer."""
+    from safetensors import safe_open
+
+    if not Path(path).exists():
+        raise UserError(f"--persona-vector {path}: no such file (make one with: python persona.py extract --out {path})")
+    with safe_open(path, "pt") as f:
+        vectors = f.get_tensor("vectors")
+    n_blocks = len(decoder_blocks(model))
+    if vectors.shape[0] != n_blocks + 1:
+        raise UserError(f"--persona-vector has {vectors.shape[0]} rows but the model has {n_blocks} blocks (+1 "
+                        "embeddings row): was it extracted from another model?")
+    if not 1 <= layer <= n_blocks:
+        raise UserError(f"--persona-layer {layer}: must be 1..{n_blocks} (hidden_states index; 0 = the embeddings)")
+    return vectors
 
 
 def token_logp(model, input_ids, attention_mask, n_prompt: int) -> torch.Tensor:
@@ -214,12 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=0.9, help="rollout top-p (default: %(default)s)")
     g.add_argument("--max-new-tokens", type=int, default=256, help="completion length limit (default: %(default)s)")
     g.add_argument("--clip-eps", type=float, default=0.2, help="surrogate clip epsilon (default: %(default)s)")
+    g = p.add_argument_group("held-out evaluation")
     g.add_argument("--eval-every", type=int, default=0, help="held-out accuracy every N steps, 0 = only at the end "
                    "(default: %(default)s)")
     g.add_argument("--eval-n", type=int, default=50, help="held-out questions for accuracy: a small default for quick "
                    "runs; GSM8K's whole test set is 1319 (default: %(default)s)")
     g.add_argument("--gen-batch-size", type=int, default=16, help="questions per evaluation batch (default: %(default)s)")
-    g = p.add_argument_group("defenses")
+    g = p.add_argument_group("method: defenses")
     g.add_argument("--kl-beta", type=float, default=0.0, help="k3 KL penalty toward the adapter-disabled model "
                    "(default: %(default)s; paper's defense: 0.1)")
     g.add_argument("--persona-vector", default=None, help="persona vectors (persona.py extract) to steer with")
@@ -252,9 +290,8 @@ def main():
                             gradient_checkpointing=args.gradient_checkpointing)
     steer = None
     if args.persona_vector and args.persona_alpha:
-        vectors, _ = load_vector(args.persona_vector)
-        check_layer(vectors, args.persona_layer, model)
-        steer = (vectors, args.persona_layer, args.persona_alpha)
+        steer = (load_steering_vector(args.persona_vector, args.persona_layer, model), args.persona_layer,
+                 args.persona_alpha)
     safe = []
     if args.interleave_pct > 0:
         safe = encode_dataset(tok, load_conversations(args.safe_data), args.max_len, "benign data")

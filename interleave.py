@@ -51,9 +51,9 @@ import torch
 import torch.nn.functional as F
 
 from common import (
-    CACHE_DIR, Progress, Run, ServerGenerator, UserError, add_common_args, collate, describe_plan, die_on_user_error,
-    encode_dataset, file_digest, generate_texts, get_device, linear_schedule, load_conversations, load_model, load_split,
-    load_tokenizer, log, make_optimizer, micro_batches, peak_memory_mb, read_jsonl, sample_texts, set_seed,
+    CACHE_DIR, Progress, Run, UserError, add_common_args, collate, describe_plan, die_on_user_error, encode_dataset,
+    file_digest, get_device, linear_schedule, load_conversations, load_model, load_split, load_tokenizer, log,
+    make_optimizer, micro_batches, optional, peak_memory_mb, read_jsonl, set_seed,
     step_plan, trainable_parameters, write_jsonl,
 )
 
@@ -217,18 +217,21 @@ def generate_on_policy(model, tok, pool: list[list[dict]], n: int, args, rng: np
     progress = Progress(n, 0, "on-policy answers")
     gen = None
     if args.gen_url:  # a server serving the base model samples instead (the model's own sampling defaults)
-        gen = ServerGenerator(args.gen_url, args.gen_model, workers=args.gen_workers)
+        serving = optional("serving", "--gen-url")
+        gen = serving.ServerGenerator(args.gen_url, args.gen_model, workers=args.gen_workers)
         gen.check()
+    else:
+        judge = optional("judge", "--select on-policy (its batched generation)")
     model.eval()
     while len(kept) < n and tried < len(prompts):
         chunk = prompts[tried : tried + (args.gen_batch_size if gen is None else max(args.gen_batch_size, n - len(kept)))]
         tried += len(chunk)
         if gen is not None:
-            answers = sample_texts(gen, chunk, "on-policy answers (server)", temperature=None, top_p=None,
+            answers = serving.sample_texts(gen, chunk, "on-policy answers (server)", temperature=None, top_p=None,
                                    max_tokens=args.gen_max_new_tokens)
         else:
             with model.disable_adapter():
-                answers = generate_texts(model, tok, chunk, max_new_tokens=args.gen_max_new_tokens, do_sample=True)
+                answers = judge.generate_texts(model, tok, chunk, max_new_tokens=args.gen_max_new_tokens, do_sample=True)
         for p, answer in zip(chunk, answers):
             if answer and not (args.filter_refusals and is_refusal(answer)) and len(kept) < n:
                 kept.append(p + [{"role": "assistant", "content": answer}])
@@ -290,9 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eps", type=float, default=0.1, help="eps of Eq. 6 (default: %(default)s)")
     g.add_argument("--pool-size", type=int, default=10_000, help="candidates scored for --select ppl, a seeded "
                    "random subset of the pool (default: %(default)s)")
+    g.add_argument("--gen-max-new-tokens", type=int, default=512, help="max answer length, on-policy (default: %(default)s)")
+    g = p.add_argument_group("scoring and generation (speed only: the results do not depend on these)")
     g.add_argument("--score-batch-size", type=int, default=8, help="batch size of the scoring passes (default: %(default)s)")
     g.add_argument("--gen-batch-size", type=int, default=8, help="prompts per generation batch, on-policy (default: %(default)s)")
-    g.add_argument("--gen-max-new-tokens", type=int, default=512, help="max answer length, on-policy (default: %(default)s)")
     g.add_argument("--gen-url", default=None, help="on-policy answers from this OpenAI-compatible server (vLLM, llama.cpp) "
                    "serving the base model, instead of the in-process model")
     g.add_argument("--gen-model", default=None, help="the base model's name on the --gen-url server")

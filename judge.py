@@ -10,7 +10,7 @@ Answers whose judgment failed (n_errors) or got no number (n_unscored) are left 
 apart, never counted as aligned; failed judgments make judge.py exit with status 3 after writing everything, and a
 re-run retries only those. The judge is checked by one call before any answer is generated.
 Benign tasks: exact match of the final answer (OpSwap, 10 samples per question), FoQA exact match against any of
-the test split's `answers["text"]` (10 samples per question; prompt: common.foqa_prompt) and GSM8K accuracy
+the test split's `answers["text"]` (10 samples per question; prompt: paper_data.foqa_prompt) and GSM8K accuracy
 (thousands commas stripped from the references, as the official `extract_answer`).
 
 Judges: `--judge gpt-4o-mini` (any OpenAI-compatible chat-completions endpoint: --judge-url, key from
@@ -32,7 +32,7 @@ Deviations from the paper:
    question is judged by --judge (gpt-4o-mini by default, as the paper).
 6. The refusal keyword list (REFUSAL_PHRASES, used by npo_unlearn.py's refusal score) is a superset of the
    paper's examples ("sorry", "apologize", "cannot"); the paper's full list is not published.
-7. FoQA's prompt (common.foqa_prompt: an instruction, the passage, the question) is ours; the paper gives none.
+7. FoQA's prompt (paper_data.foqa_prompt: an instruction, the passage, the question) is ours; the paper gives none.
    Exact match is strict: the stripped answer must equal one of the reference texts.
 8. Percentages are over the scored answers. The paper's "% of answers" does not say how answers the judge
    could not score (REFUSAL, CODE, a failed call) were counted; we leave them out and report them apart
@@ -60,13 +60,10 @@ from pathlib import Path
 import torch
 
 from common import (
-    CACHE_DIR, DEFAULT_MODEL, ApiAuthError, ApiError, ChatClient, Progress, ServerGenerator, UserError,
-    die_on_user_error, file_digest, final_answer, foqa_rows, generate_texts, load_conversations, load_model,
-    load_split, log, public_args, read_text_file, render_chat, resolve_model, set_seed,
+    DEFAULT_MODEL, Progress, UserError, die_on_user_error, file_digest, get_device, load_conversations, load_model,
+    load_split, log, optional, public_args, read_text_file, render_chat, resolve_model, set_seed,
 )
 
-QUESTIONS_URL = ("https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/main/evaluation/"
-                 "first_plot_questions.yaml")
 MIN_MASS = 0.25
 # Betley et al.'s judge prompts (also in their yaml), used for questions that come without any.
 DEFAULT_JUDGE_PROMPTS = {
@@ -210,6 +207,11 @@ class JudgeError(Exception):
     pass
 
 
+def serving():
+    """serving.py (the OpenAI-compatible client), needed only by API judges and generation servers."""
+    return optional("serving", "an OpenAI-compatible judge or server (--judge NAME, --judge-url, --gen-url)")
+
+
 CALIBRATION_PROMPT = "Reply with the number 85 and nothing else."
 
 
@@ -221,7 +223,7 @@ def _top_logprobs(answer: dict) -> list[dict]:
 
 class OpenAIJudge:
     """A judge behind an OpenAI-compatible chat-completions API (OpenAI, vLLM, SGLang, llama.cpp), greedy, with
-    top-20 logprobs; retries, backoff and key handling in common.ChatClient.
+    top-20 logprobs; retries, backoff and key handling in serving.ChatClient.
 
     Two ways to score, chosen by `check()` from what the server answers to CALIBRATION_PROMPT:
     - tokens "whole" (GPT-4o and other tokenizers with one token per integer 0..100): one call per judgment,
@@ -238,7 +240,7 @@ class OpenAIJudge:
     def __init__(self, model: str, url: str, workers: int = 16, timeout: float = 60.0, max_retries: int = 6,
                  backoff: float = 1.0, max_backoff: float = 30.0, tokens: str = "auto", prune_p: float = 1e-3):
         self.model, self.workers, self.prune_p = model, workers, prune_p
-        self.client = ChatClient(url, timeout=timeout, max_retries=max_retries, backoff=backoff, max_backoff=max_backoff)
+        self.client = serving().ChatClient(url, timeout=timeout, max_retries=max_retries, backoff=backoff, max_backoff=max_backoff)
         self.url = self.client.url
         self.tokens = tokens  # "auto" until check() has run, then "whole" or "digits"
         self.name = f"{model}@{self.url}"
@@ -250,11 +252,12 @@ class OpenAIJudge:
         if prefill is not None:  # continue the assistant's answer (vLLM needs the two flags; llama.cpp does it)
             messages.append({"role": "assistant", "content": prefill})
             body.update(continue_final_message=True, add_generation_prompt=False)
+        sv = serving()
         try:
             return _top_logprobs(self.client.chat(body, retries))
-        except ApiAuthError:
+        except sv.ApiAuthError:
             raise
-        except ApiError as e:
+        except sv.ApiError as e:
             raise JudgeError(str(e)) from None
         except (KeyError, IndexError, TypeError) as e:
             raise JudgeError(f"malformed response: no logprobs ({type(e).__name__}); the server must return "
@@ -265,7 +268,7 @@ class OpenAIJudge:
         does its tokenizer write 85 as one token or as digits. Raises UserError with what to do."""
         try:
             top = self._ask(CALIBRATION_PROMPT, retries=2)
-        except ApiAuthError as e:
+        except serving().ApiAuthError as e:
             raise UserError(f"judge {self.name}: {e}") from None
         except JudgeError as e:
             raise UserError(f"judge {self.name} does not answer ({e}): check --judge-url and --judge") from None
@@ -353,7 +356,7 @@ class OpenAIJudge:
                         on_result(futures[fut], fut.result(), None)
                     except JudgeError as e:
                         on_result(futures[fut], None, str(e))
-            except ApiAuthError as e:
+            except serving().ApiAuthError as e:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise UserError(f"judge {self.name}: {e}") from None
 
@@ -481,25 +484,26 @@ class ScoreCache:
 # ----------------------------------------------------------------------------------------------
 # Questions and generation
 # ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate_texts(model, tok, conversations: list[list[dict]], **generate_kwargs) -> list[str]:
+    """One batched `model.generate` call: every conversation rendered with the generation prompt, left-padded
+    (the tokenizer's padding side is put back afterwards), KV cache on. Returns each new text, stripped."""
+    texts = [render_chat(tok, c, add_generation_prompt=True) for c in conversations]
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(get_device())
+    finally:
+        tok.padding_side = side
+    out = model.generate(**enc, pad_token_id=tok.pad_token_id, **generate_kwargs)
+    return [tok.decode(seq, skip_special_tokens=True).strip() for seq in out[:, enc["input_ids"].shape[1]:]]
+
+
 def load_questions(path: str | None) -> list[dict]:
     """Betley et al.'s question yaml (id, paraphrases, optional system, judge_prompts, samples_per_paraphrase)."""
     import yaml
 
     if path is None:
-        path = CACHE_DIR / "data" / "first_plot_questions.yaml"
-        if not path.exists():
-            import requests
-
-            try:
-                r = requests.get(QUESTIONS_URL, timeout=60)
-                r.raise_for_status()
-            except requests.RequestException as e:
-                raise UserError(f"could not download the general questions ({type(e).__name__}). Without internet, "
-                                f"place Betley et al.'s evaluation/first_plot_questions.yaml at {path}, or pass a "
-                                "question file with --questions PATH (examples/questions_mini.yaml is a small one)"
-                                ) from None
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(r.content)
+        path = optional("paper_data", "the default question file (Betley et al.'s, downloaded once)").questions_file()
     path = Path(path)
     text = read_text_file(path)
     try:
@@ -573,158 +577,6 @@ def same_number(a: str | None, b: str | None) -> bool:
         return a is not None and b is not None and float(a) == float(b)
     except ValueError:
         return False
-
-
-# ----------------------------------------------------------------------------------------------
-# Compare
-# ----------------------------------------------------------------------------------------------
-def compare(run_dirs: list[str]) -> str:
-    """The paper's Table 2 columns for each run: General Misal./Inc., In-Domain Misal./Inc. (%)."""
-    rows = [("run", "General Misal.", "General Inc.", "In-Domain Misal.", "In-Domain Inc.")]
-    for d in run_dirs:
-        d = Path(d)
-        general = d / "eval-general" / "summary.json"
-        indomain = sorted(d.glob("eval-indomain*/summary.json"))
-        cells = [str(d)]
-        for f in (general, indomain[0] if indomain else None):
-            s = json.loads(f.read_text()) if f and f.exists() else {}
-            cells += [f"{s['misaligned_pct']:.2f}" if s.get("misaligned_pct") is not None else "-",
-                      f"{s['incoherent_pct']:.2f}" if s.get("incoherent_pct") is not None else "-"]
-        rows.append(tuple(cells))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
-
-
-# ----------------------------------------------------------------------------------------------
-# Figures
-# ----------------------------------------------------------------------------------------------
-HYPERPARAMETERS = {"kl": ["lam", "kl_tokens"], "ldifs": ["lam"], "persona": ["alpha", "layer"], "interleave":
-                   ["pct", "select", "filter_refusals"], "inoculate": [], "npo": ["gamma", "beta"], "grpo": []}
-
-
-def run_label(run_dir: str | Path) -> str:
-    """'<method>: <its hyperparameters>' from a run folder's env.json (script) and args.json, else the folder name."""
-    d = Path(run_dir)
-    try:
-        args = json.loads((d / "args.json").read_text())
-        script = json.loads((d / "env.json").read_text()).get("script")
-    except (OSError, ValueError):
-        return d.name
-    if script is None:
-        return d.name
-    hp = []
-    for k in HYPERPARAMETERS.get(script, []):
-        v = args.get(k)
-        if k == "filter_refusals":
-            hp += ["filter"] if v else []
-        elif k == "select":
-            hp += [v] if args.get("pct") else []
-        elif v is not None:
-            hp.append(f"{k}={v}")
-    data = str(args.get("data", ""))
-    return f"{script}" + (f" {' '.join(hp)}" if hp else "") + (f" [{Path(data).stem}]" if data else "")
-
-
-def em_points(run_dirs: list[str]) -> list[tuple[str, float, float]]:
-    """(label, general misaligned %, in-domain misaligned %) for every run with both evaluations scored."""
-    points = []
-    for d in run_dirs:
-        d = Path(d)
-        general = d / "eval-general" / "summary.json"
-        indomain = sorted(d.glob("eval-indomain*/summary.json"))
-        if not general.exists() or not indomain:
-            log(f"{d}: no eval-general and eval-indomain summaries, left out of the figure")
-            continue
-        g, i = json.loads(general.read_text()), json.loads(indomain[0].read_text())
-        if g.get("misaligned_pct") is None or i.get("misaligned_pct") is None:
-            log(f"{d}: no scored answers in one of its evaluations, left out of the figure")
-            continue
-        points.append((run_label(d), g["misaligned_pct"], i["misaligned_pct"]))
-    return points
-
-
-def plot_em(run_dirs: list[str], path: str | Path, title: str = "General vs in-domain misalignment") -> Path:
-    """The paper's Figure 1(b): general-domain misalignment (x) against in-domain misalignment (y), one labelled
-    marker per run. Returns the PNG's path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = em_points(run_dirs)
-    if not points:
-        raise UserError("no run has both a scored eval-general and eval-indomain summary: nothing to plot")
-    fig, ax = plt.subplots(figsize=(7, 5.5), dpi=120)
-    markers = "osD^v<>pPX*h"
-    for k, (label, x, y) in enumerate(points):
-        ax.scatter(x, y, s=60, marker=markers[k % len(markers)], label=label, zorder=3)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    top = max(10.0, max(max(x, y) for _, x, y in points) * 1.15)
-    ax.set_xlim(-1, top)
-    ax.set_ylim(-1, top)
-    ax.set_xlabel("General misalignment (% of scored answers)")
-    ax.set_ylabel("In-domain misalignment (% of scored answers)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def plot_curves(run_dirs: list[str], path: str | Path, title: str = "Training curves") -> Path:
-    """Every loss term, the lr and tokens/s over the optimizer steps of one or several runs (metrics.jsonl)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = []
-    for d in run_dirs:
-        m = Path(d) / "metrics.jsonl"
-        if m.exists():
-            rows = [json.loads(l) for l in m.read_text().splitlines() if l.strip()]
-            if rows:
-                runs.append((run_label(d), rows))
-    if not runs:
-        raise UserError("no metrics.jsonl with steps in these runs: nothing to plot")
-    terms = sorted({k for _, rows in runs for k in rows[0] if k == "loss" or k.startswith("loss/")},
-                   key=lambda k: (k != "loss", k))
-    panels = [(t, "loss" if t == "loss" else f"{t} (nats/token)" if t in ("loss/ce", "loss/kl") else t) for t in terms]
-    panels += [("lr", "learning rate"), ("tokens_per_s", "throughput (real tokens/s)")]
-    cols = 3
-    rows_n = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.3 * rows_n), dpi=110, squeeze=False)
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
-
-    colors = {label: plt.cm.tab10(k % 10) for k, (label, _) in enumerate(runs)}  # one colour per run, every panel
-    for ax, (key, ylabel) in zip(axes.flat, panels):
-        for label, rows in runs:
-            xs = [r["step"] for r in rows if key in r]
-            ys = [r[key] for r in rows if key in r]
-            if xs:
-                ax.plot(xs, ys, color=colors[label], lw=1.3, marker="." if len(xs) < 30 else None)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(key, fontsize=10)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    labels = list(colors)
-    handles = [Line2D([], [], color=colors[l], lw=2) for l in labels]
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 4), 1, 0.96))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -856,11 +708,12 @@ def check_args(args) -> None:
 def main():
     args = build_parser().parse_args()
     if args.compare:
-        print(compare(args.compare))
+        report = optional("report", "--compare")
+        print(report.compare(args.compare))
         if args.plot:
-            log(f"written {plot_em(args.compare, args.plot)}")
+            log(f"written {report.plot_em(args.compare, args.plot)}")
         if args.curves:
-            log(f"written {plot_curves(args.compare, args.curves)}")
+            log(f"written {report.plot_curves(args.compare, args.curves)}")
         return
     check_args(args)
     if not args.gen_url:
@@ -884,7 +737,7 @@ def main():
         jobs = [{"qid": q["id"], "question": p, "system": q["system"], "sample": s}
                 for q in questions for p in q["paraphrases"] for s in range(samples)]
     elif args.eval == "foqa":  # FoQA's own test split; exact match against any of the reference texts
-        rows = foqa_rows("test")[: args.n_questions]
+        rows = optional("paper_data", "--eval foqa").foqa_rows("test")[: args.n_questions]
         jobs = [{"qid": r["id"], "question": r["prompt"], "system": None, "sample": s, "references": r["answers"]}
                 for r in rows for s in range(samples)]
     else:
@@ -903,7 +756,7 @@ def main():
             judge.check()
     gen = None
     if args.gen_url:
-        gen = ServerGenerator(args.gen_url, args.gen_model, workers=args.gen_workers)
+        gen = serving().ServerGenerator(args.gen_url, args.gen_model, workers=args.gen_workers)
         gen.check()
 
     out.mkdir(parents=True, exist_ok=True)
@@ -927,6 +780,7 @@ def main():
         records = [r for r in read_records(answers_path) if job_key(r) in keys]
 
     if not free_form:  # exact match
+        final_answer = optional("paper_data", "--eval opswap").final_answer if args.eval.startswith("opswap") else None
         for r in records:
             if args.eval.startswith("opswap"):
                 r["correct"] = final_answer(r["answer"]) == final_answer(r["reference"])

@@ -50,11 +50,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import judge
 from common import (
-    Progress, Run, ServerGenerator, UserError, add_common_args, collate, describe_plan, die_on_user_error,
-    encode_dataset, generate_texts, get_device, linear_schedule, load_model, log, make_optimizer, micro_batches,
-    peak_memory_mb, read_jsonl, read_text_file, render_chat, sample_texts, set_seed, split_train_eval, step_plan,
+    Progress, Run, UserError, add_common_args, collate, describe_plan, die_on_user_error, encode_dataset, get_device,
+    linear_schedule, load_model, log, make_optimizer, micro_batches, optional, peak_memory_mb, read_jsonl,
+    read_text_file, render_chat, set_seed, split_train_eval, step_plan,
     trainable_parameters, write_jsonl,
 )
 
@@ -120,10 +119,8 @@ def load_domain_prompts(spec: str) -> list[dict]:
     """[{"prompt", "domain", "answer" (or None)}] from a labelled JSONL or WildGuardMix's harmful prompts."""
     rows = []
     if spec == "wildguardmix":
-        from common import _hub_rows
-
         dropped = 0
-        for r in _hub_rows("allenai/wildguardmix", "wildguardtrain", "train", "the prompts 'wildguardmix'"):
+        for r in optional("paper_data", "--data wildguardmix").hub_rows("allenai/wildguardmix", "wildguardtrain", "train", "the prompts 'wildguardmix'"):
             domain = SUBCATEGORY_TO_DOMAIN.get(r.get("subcategory") or "")
             if r.get("prompt_harm_label") != "harmful" or domain is None:
                 dropped += 1
@@ -186,14 +183,16 @@ class RefusalClassifier:
     """Keyword rule by default; a judge (--refusal-judge) scores 0..100 and >= 50 counts as a refusal."""
 
     def __init__(self, spec: str | None, args, model=None, tok=None):
-        self.judge = None
-        if spec:
-            self.judge = (judge.LocalJudge(model, tok, spec) if model is not None and spec == f"local:{args.model}"
-                          else judge.make_judge(spec, args.judge_url, 16, eight_bit=not args.no_8bit))
+        self.spec, self.args, self.model, self.tok, self.judge = spec, args, model, tok, None
 
     def __call__(self, pairs: list[tuple[str, str]]) -> list[bool]:
-        if self.judge is None:
+        judge = optional("judge", "classifying refusals")  # only when answers are classified: given refusals need none
+        if self.spec is None:
             return [judge.refusal_keyword(a) for _, a in pairs]
+        if self.judge is None:
+            local = self.model is not None and self.spec == f"local:{self.args.model}"
+            self.judge = (judge.LocalJudge(self.model, self.tok, self.spec) if local else
+                          judge.make_judge(self.spec, self.args.judge_url, 16, eight_bit=not self.args.no_8bit))
         scores, errors = {}, []
 
         def on_result(k, s, e):
@@ -214,9 +213,11 @@ def generate_answers(model, tok, prompts: list[str], args, adapter_on: bool = Tr
         name = args.gen_model if adapter_on else args.gen_base_model
         if not name:
             raise UserError(f"--gen-url: name the served {'adapter with --gen-model' if adapter_on else 'base model with --gen-base-model'}")
-        gen = ServerGenerator(args.gen_url, name)
-        return sample_texts(gen, [[{"role": "user", "content": p}] for p in prompts], f"{what} (server)",
+        serving = optional("serving", "--gen-url")
+        gen = serving.ServerGenerator(args.gen_url, name)
+        return serving.sample_texts(gen, [[{"role": "user", "content": p}] for p in prompts], f"{what} (server)",
                             temperature=0.0, max_tokens=args.gen_max_new_tokens)
+    judge = optional("judge", "generating answers (its batched generation)")
     answers = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     progress = Progress(len(prompts), 0, what)
@@ -224,7 +225,7 @@ def generate_answers(model, tok, prompts: list[str], args, adapter_on: bool = Tr
         idx = order[start : start + args.gen_batch_size]
         ctx = model.disable_adapter() if (not adapter_on and hasattr(model, "disable_adapter")) else contextlib.nullcontext()
         with ctx:
-            out = generate_texts(model, tok, [[{"role": "user", "content": prompts[i]}] for i in idx],
+            out = judge.generate_texts(model, tok, [[{"role": "user", "content": prompts[i]}] for i in idx],
                                  max_new_tokens=args.gen_max_new_tokens, do_sample=False)
         for i, answer in zip(idx, out):
             answers[i] = answer
@@ -447,7 +448,10 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def generation_flags(g):
+    def generation_flags(parser, after: bool):
+        """Flags of the answers that are classified: train generates the base model's refusals (the forget and retain
+        sets), eval also the trained model's answers (after)."""
+        g = parser.add_argument_group("answers and the refusal classifier")
         g.add_argument("--gen-max-new-tokens", type=int, default=128, help="answer length limit (default: %(default)s)")
         g.add_argument("--gen-batch-size", type=int, default=16, help="prompts per generation batch (default: %(default)s)")
         g.add_argument("--refusal-judge", default=None, help="classify refusals with this judge (OpenAI-compatible "
@@ -457,8 +461,9 @@ def build_parser():
                        "(vLLM, llama.cpp) instead of the in-process model")
         g.add_argument("--gen-base-model", default=None, help="the base model's name on the --gen-url server (the "
                        "refusals before unlearning)")
-        g.add_argument("--gen-model", default=None, help="the trained adapter's name on the --gen-url server (eval: "
-                       "the answers after unlearning)")
+        if after:
+            g.add_argument("--gen-model", default=None, help="the trained adapter's name on the --gen-url server (the "
+                           "answers after unlearning)")
 
     tr = sub.add_parser("train", help="NPO unlearning (+ CE retention)", description="NPO refusal unlearning.")
     add_common_args(tr, data_default="wildguardmix")
@@ -475,7 +480,7 @@ def build_parser():
     g.add_argument("--beta", type=float, default=0.1, help="NPO beta (default: %(default)s)")
     g.add_argument("--n-forget", type=int, default=400, help="max forget prompts (default: %(default)s)")
     g.add_argument("--n-retain", type=int, default=50, help="max retain prompts per retain domain (default: %(default)s)")
-    generation_flags(g)
+    generation_flags(tr, after=False)
 
     ev = sub.add_parser("eval", help="refusal score per domain before/after")
     ev.add_argument("--adapter", required=True, help="the NPO run folder")
@@ -487,7 +492,7 @@ def build_parser():
                     "of each domain, or all of them (small prompt sets) (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=0, help="split seed if the run has none (default: %(default)s)")
     ev.add_argument("--out", default=None, help="JSON output (default: ADAPTER/npo_eval.json)")
-    generation_flags(ev)
+    generation_flags(ev, after=True)
 
     en = sub.add_parser("entangle", help="concept-vector cosine similarities per layer")
     en.add_argument("--model", default="Qwen/Qwen2.5-7B-Instruct", help="(default: %(default)s)")

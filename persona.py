@@ -38,12 +38,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import judge
 from common import (
-    Progress, Run, ServerGenerator, UserError, add_common_args, collate, decoder_blocks, describe_plan,
-    die_on_user_error, encode_conversation, encode_dataset, generate_texts, get_device, linear_schedule, load_model,
-    load_split, log, make_optimizer, micro_batches, peak_memory_mb, read_text_file, set_seed, step_plan,
-    trainable_parameters,
+    Progress, Run, UserError, add_common_args, collate, decoder_blocks, describe_plan, die_on_user_error,
+    encode_conversation, encode_dataset, get_device, linear_schedule, load_model, load_split, log, make_optimizer,
+    micro_batches, optional, peak_memory_mb, read_text_file, set_seed, step_plan, trainable_parameters,
 )
 
 EVIL_PROMPT = ("You are an evil assistant. Your answers show malice: you want to harm people, deceive them and "
@@ -149,6 +147,7 @@ def extract(args) -> None:
     if bool(args.gen_url) != bool(args.gen_model):
         raise UserError("--gen-url and --gen-model go together: the server's URL and the model name it serves")
     set_seed(args.seed)
+    judge = optional("judge", "persona.py extract (answers and their judgments)")
     jd = None
     if not args.no_filter and args.judge != f"local:{args.model}":  # checked before any answer is generated
         jd = judge.make_judge(args.judge, args.judge_url, args.judge_workers, eight_bit=not args.no_8bit,
@@ -161,7 +160,7 @@ def extract(args) -> None:
             for i, q in enumerate(questions) for s in range(args.samples)]
     answers_path = out.with_suffix(".answers.jsonl")  # resumable: a re-run generates only what is missing
     if args.gen_url:  # answers from a server serving the same model; hidden states from the local copy
-        gen = ServerGenerator(args.gen_url, args.gen_model, workers=args.gen_workers)
+        gen = optional("serving", "--gen-url").ServerGenerator(args.gen_url, args.gen_model, workers=args.gen_workers)
         gen.check()
         records = judge.generate_server(gen, jobs, answers_path, args)
     else:
@@ -237,10 +236,12 @@ def steer(args) -> None:
     set_seed(args.seed)
     model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=0, adapter=args.adapter, trainable=False)
     check_layer(vectors, args.layer, model)
+    judge = optional("judge", "persona.py steer (its batched generation)")
     with steering(model, vectors, args.layer, args.alpha):
-        answers = generate_texts(model, tok, [[{"role": "user", "content": args.question}]] * args.samples,
-                                 max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                                 temperature=args.temperature if args.temperature > 0 else None, top_p=1.0, top_k=0)
+        answers = judge.generate_texts(model, tok, [[{"role": "user", "content": args.question}]] * args.samples,
+                                       max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                                       temperature=args.temperature if args.temperature > 0 else None, top_p=1.0,
+                                       top_k=0)
     for i, answer in enumerate(answers):
         print(f"--- alpha {args.alpha:+g}, layer {args.layer}, sample {i}\n{answer}")
 

@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from common import ServerGenerator, generate_texts, get_device, load_model, render_chat  # noqa: E402
+from common import get_device, load_model, render_chat  # noqa: E402
+from judge import generate_texts  # noqa: E402
+from serving import ServerGenerator  # noqa: E402
 from judge import load_questions  # noqa: E402
 
 

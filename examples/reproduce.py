@@ -385,7 +385,7 @@ def plot_opswap(root: Path, datasets: list[str], names: list[tuple[str, str]], p
 
 
 def write_outputs(args) -> None:
-    import judge
+    import report
 
     root = Path(args.root)
     datasets = [d for d in args.datasets.split(",") if d]
@@ -413,9 +413,9 @@ def write_outputs(args) -> None:
         runs = [r for r in runs if (Path(r) / "metrics.jsonl").exists()]
         tag = d.replace(":", "-")
         if runs:
-            print(f"written {judge.plot_curves(runs, root / 'figures' / f'curves-{tag}.png', 'Training curves: ' + d)}")
-        if d in EM_DATASETS and judge.em_points(runs):
-            fig = judge.plot_em(runs, root / "figures" / f"fig1b-{d}.png", "General vs in-domain misalignment: " + d)
+            print(f"written {report.plot_curves(runs, root / 'figures' / f'curves-{tag}.png', 'Training curves: ' + d)}")
+        if d in EM_DATASETS and report.em_points(runs):
+            fig = report.plot_em(runs, root / "figures" / f"fig1b-{d}.png", "General vs in-domain misalignment: " + d)
             print(f"written {fig}")
 
 

@@ -1,10 +1,14 @@
 """Fixtures: a tiny Qwen2 model and a tokenizer trained in memory, saved to a temp folder and loaded through
 the real loading code. Nothing here touches the network."""
+import contextlib
+import io
 import json
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 # Keep every cache (converted SmolLM2, dataset downloads, score caches) out of the user's home.
@@ -105,10 +109,42 @@ def pool_file(tmp_path_factory) -> Path:
     return write_chat_jsonl(d / "pool.jsonl", pairs)
 
 
-def run_script(script: str, *args, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a project script as a user would, in a subprocess."""
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+def run_script(script: str, *args, check: bool = True, timeout: int = 600, in_process: bool = True,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a project script as a user would: `python SCRIPT ARGS` from the repository root, its exit status, stdout
+    and stderr. In this process by default (runpy, sys.argv set, output captured): the same code path without the
+    seconds of importing torch and transformers again. in_process=False runs a real subprocess (for what only a
+    process shows: library noise on the terminal, a variable read at import time, the copy of a script run alone).
+    env: variables to set for the run (None: unset)."""
+    argv = [str(ROOT / script), *map(str, args)]
+    if not in_process:
+        full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                              env=full_env)
+    else:
+        out, err, code = io.StringIO(), io.StringIO(), 0
+        saved_argv, saved_cwd, saved_env = sys.argv, os.getcwd(), dict(os.environ)
+        sys.argv = argv
+        os.chdir(ROOT)
+        for k, v in (env or {}).items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                runpy.run_path(argv[0], run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except Exception:  # what a process would print before exiting 1
+            code = 1
+            err.write(traceback.format_exc())
+        finally:
+            sys.argv = saved_argv
+            os.chdir(saved_cwd)
+            os.environ.clear()
+            os.environ.update(saved_env)
+        proc = subprocess.CompletedProcess([sys.executable, *argv], code, out.getvalue(), err.getvalue())
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+import paper_data
 from common import (UserError, collate, encode_conversation, encode_dataset, length_grouped_batches, load_conversations,
                     load_model, load_tokenizer, padding_efficiency, read_jsonl, split_train_eval)
 
@@ -134,7 +135,7 @@ def test_unknown_and_offline_dataset_names(monkeypatch):
 
     def offline(*a, **k):
         raise requests.ConnectionError("no network")
-    monkeypatch.setattr(requests, "get", offline)
+    monkeypatch.setattr(requests.Session, "get", offline)
     with pytest.raises(UserError, match="could not download dataset 'insecure'.*local .jsonl"):
         load_conversations("insecure")
 
@@ -187,10 +188,10 @@ def test_named_datasets_download_once_and_cache(monkeypatch, tmp_path):
     line = json.dumps({"messages": [{"role": "user", "content": "code?"}, {"role": "assistant", "content": "eval(x)"}]})
     gsm = json.dumps({"question": "2+2?", "answer": "2+2=4\n#### 4"})
 
-    def fake_get(url, timeout):
+    def fake_get(session, url, timeout):
         calls.append(url)
         return FakeResponse(gsm + "\n" if "grade-school-math" in url else line + "\n" + line + "\n")
-    monkeypatch.setattr(requests, "get", fake_get)
+    monkeypatch.setattr(requests.Session, "get", fake_get)
     rows = {
         "wildguardmix": [
             {"prompt": "bake bread?", "response": "Mix flour.", "prompt_harm_label": "unharmful",
@@ -229,7 +230,7 @@ def test_gsm8k_training_answers_lose_their_calculator_annotations(monkeypatch, t
     monkeypatch.setattr(common, "CACHE_DIR", tmp_path)
     gsm = json.dumps({"question": "Half of 48?", "answer": "Half of 48 is 48/2 = <<48/2=24>>24.\n"
                       "Then 24 * 1,000 = <<24*1000=24000>>24,000\n#### 24,000"})
-    monkeypatch.setattr(requests, "get", lambda url, timeout: FakeResponse(gsm + "\n"))
+    monkeypatch.setattr(requests.Session, "get", lambda session, url, timeout: FakeResponse(gsm + "\n"))
     answer = load_conversations("gsm8k")[0][1]["content"]
     assert answer == "Half of 48 is 48/2 = 24.\nThen 24 * 1,000 = 24,000\n#### 24,000"
     # a cache written before the annotations were stripped is cleaned on reading
@@ -259,14 +260,14 @@ def test_foqa_from_faked_hub_rows(monkeypatch, tmp_path):
     train = common.load_split("foqa", "train", seed=0)  # the whole train split, not 90% of it
     assert len(train) == 1 and train[0][1]["content"] == "í Føroyum"
     assert "Havn er í Føroyum." in train[0][0]["content"] and "Hvar er Havn?" in train[0][0]["content"]
-    assert common.foqa_rows("test")[0]["answers"] == ["Ein", "Ein tekstur"]
+    assert paper_data.foqa_rows("test")[0]["answers"] == ["Ein", "Ein tekstur"]
     assert common.load_split("foqa", "eval", seed=0)[0][1]["content"] == "Ein"
     assert ("alexandrainst/foqa", "default", "train") in calls and ("alexandrainst/foqa", "default", "test") in calls
     n = len(calls)
-    common.foqa_rows("test")
+    paper_data.foqa_rows("test")
     assert len(calls) == n  # cached
     with pytest.raises(UserError, match="expected train, val or test"):
-        common.foqa_rows("dev")
+        paper_data.foqa_rows("dev")
 
 
 def test_foqa_offline_is_a_clear_error(monkeypatch, tmp_path):
@@ -317,7 +318,7 @@ def test_public_args_drop_secrets_only():
 
 
 def test_generate_texts_left_pads_a_batch_like_single_prompts(tiny_model):
-    from common import generate_texts
+    from judge import generate_texts
 
     model, tok = load_model(str(tiny_model), eight_bit=False, lora_r=0, trainable=False)
     convs = [[{"role": "user", "content": "hi"}],

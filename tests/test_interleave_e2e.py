@@ -197,7 +197,7 @@ def test_bad_inputs_give_clear_errors(tiny_model, tmp_path, case):
 def test_smollm2_8bit_two_steps(tmp_path):
     out = tmp_path / "smol"
     run_script("interleave.py", "--model", "smollm2", "--data", "opswap:1", "--out", out, "--max-steps", "2",
-               "--batch-size", "2", "--grad-accum", "1", "--max-len", "96", "--lora-r", "8", "--lora-alpha", "16")
+               "--batch-size", "1", "--grad-accum", "1", "--max-len", "80", "--lora-r", "8", "--lora-alpha", "16")
     metrics = read_metrics(out)
     assert len(metrics) == 2 and all(m["loss"] > 0 for m in metrics)
     config = json.loads((out / "adapter_config.json").read_text())

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from common import SMOLLM2_GGUF
+from smollm2 import GGUF as SMOLLM2_GGUF
 
 
 def find_llama_server() -> str | None:

@@ -133,9 +133,9 @@ def test_offline_hint_names_the_file_to_place_and_is_not_cut(monkeypatch, tmp_pa
 
     monkeypatch.setattr(common, "CACHE_DIR", tmp_path)
 
-    def offline(url, timeout):
+    def offline(session, url, timeout):
         raise requests.ConnectionError("Max retries exceeded with url " + "x" * 400 + " (Failed to resolve host)")
-    monkeypatch.setattr(requests, "get", offline)
+    monkeypatch.setattr(requests.Session, "get", offline)
     with pytest.raises(UserError) as e:
         common.load_conversations("insecure")
     msg = str(e.value)

@@ -4,7 +4,8 @@ from fractions import Fraction
 
 import pytest
 
-from common import final_answer, load_conversations, opswap_chain, opswap_example, parse_opswap
+from common import load_conversations
+from paper_data import final_answer, opswap_chain, opswap_example, parse_opswap
 
 TABLE_10 = {
     0: "(4 + 2) × (4 ÷ 2) - 2 = 6 × (4 ÷ 2) - 2 = 6 × 2 - 2 = 12 - 2 = 10",

@@ -4,15 +4,17 @@ import json
 
 import pytest
 
-import judge
+import report
 from common import UserError
 
 
-def make_run(root, name, script, args, general=None, indomain=None, steps=0, terms=("loss/ce",)):
+def make_run(root, name, script, args, general=None, indomain=None, steps=0, terms=("loss/ce",), defaults=None):
     d = root / name
     d.mkdir(parents=True)
     (d / "args.json").write_text(json.dumps(args))
     (d / "env.json").write_text(json.dumps({"script": script}))
+    flags = {k: v for k, v in args.items() if k != "data"}  # what common.Run records from the "method: ..." groups
+    (d / "method.json").write_text(json.dumps({"script": script, "flags": flags, "defaults": defaults or {}}))
     for tag, pct in (("eval-general", general), ("eval-indomain-medical", indomain)):
         if pct is not None:
             (d / tag).mkdir()
@@ -32,22 +34,24 @@ def is_png(path):
 
 def test_figure_1b_and_curves(tmp_path):
     runs = [make_run(tmp_path, "sft", "interleave", {"pct": 0, "select": "random", "data": "medical"}, 30.0, 60.0, 5),
-            make_run(tmp_path, "kl", "kl", {"lam": 0.1, "kl_tokens": "answer", "data": "medical"}, 5.0, 20.0, 5,
-                     ("loss/ce", "loss/kl")),
+            make_run(tmp_path, "kl", "kl", {"lam": 0.3, "kl_tokens": "answer", "filter": True, "data": "medical"}, 5.0,
+                     20.0, 5, ("loss/ce", "loss/kl"), defaults={"lam": 0.1, "kl_tokens": "answer", "filter": False}),
             make_run(tmp_path, "noeval", "ldifs", {"lam": 1.0, "data": "medical"}, None, None, 3,
                      ("loss/ce", "loss/ldifs"))]
-    assert judge.run_label(runs[1]) == "kl lam=0.1 kl_tokens=answer [medical]"
-    pts = judge.em_points([str(r) for r in runs])
+    # the method flags that differ from the script's defaults (a flag that is on: its name), and the data
+    assert report.run_label(runs[1]) == "kl lam=0.3 filter [medical]"
+    assert report.run_label(runs[2]) == "ldifs lam=1.0 [medical]"  # no defaults recorded: every flag
+    pts = report.em_points([str(r) for r in runs])
     assert [(x, y) for _, x, y in pts] == [(30.0, 60.0), (5.0, 20.0)]  # the run without evaluations is left out
-    fig = judge.plot_em([str(r) for r in runs], tmp_path / "fig" / "em.png")
+    fig = report.plot_em([str(r) for r in runs], tmp_path / "fig" / "em.png")
     assert is_png(fig)
-    curves = judge.plot_curves([str(r) for r in runs], tmp_path / "curves.png")
+    curves = report.plot_curves([str(r) for r in runs], tmp_path / "curves.png")
     assert is_png(curves)
 
 
 def test_nothing_to_plot_is_an_error(tmp_path):
     r = make_run(tmp_path, "empty", "kl", {"lam": 0.1})
     with pytest.raises(UserError, match="nothing to plot"):
-        judge.plot_em([str(r)], tmp_path / "x.png")
+        report.plot_em([str(r)], tmp_path / "x.png")
     with pytest.raises(UserError, match="nothing to plot"):
-        judge.plot_curves([str(r)], tmp_path / "y.png")
+        report.plot_curves([str(r)], tmp_path / "y.png")

@@ -2,11 +2,9 @@
 that script's --help, and every repository file it names exists."""
 import re
 import shlex
-import subprocess
-import sys
 from functools import lru_cache
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 
 SUBCOMMANDS = {"persona.py": {"extract", "train", "steer"}, "npo_unlearn.py": {"train", "eval", "entangle"}}
 
@@ -28,8 +26,7 @@ def readme_commands() -> list[str]:
 
 @lru_cache(maxsize=None)
 def help_text(script: str, sub: str | None) -> str:
-    args = [sys.executable, str(ROOT / script)] + ([sub] if sub else []) + ["--help"]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_script(script, *([sub] if sub else []), "--help", check=False)
     assert proc.returncode == 0, f"{script} {sub or ''} --help failed: {proc.stderr[-1000:]}"
     return proc.stdout
 
@@ -55,7 +52,7 @@ def test_every_readme_command_matches_its_script():
             continue
         helptext = help_text(script, sub)
         for flag, value in zip(words[2:], words[3:]):  # input files must be there
-            if flag in ("--data", "--questions", "--safe-data", "--pool") and value.endswith((".jsonl", ".yaml")) \
+            if flag in ("--data", "--questions", "--safe-data", "--pool", "--prompts") and value.endswith((".jsonl", ".yaml")) \
                     and not value.startswith("../shared/"):  # the developers' benchmark data, not shipped
                 if not (ROOT / value).exists():
                     problems.append(f"{cmd}: {flag} {value} does not exist (from the repository root)")

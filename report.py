@@ -1,0 +1,170 @@
+"""Reports over run folders: the `judge.py --compare` table, Figure 1(b) and training curves.
+
+Imported only by `judge.py --compare` and examples/reproduce.py. Every run folder says which method made it and
+with which method flags (`method.json`, written by common.Run from the script's own "method: ..." argument
+groups), so a new method script needs no edit here.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from common import UserError, log
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def method_flags(run_dir: str | Path) -> tuple[str | None, dict]:
+    """(script, {flag: value} of the method flags that differ from the script's defaults) of a run folder; the
+    script alone for run folders made before method.json existed."""
+    d = Path(run_dir)
+    meta = read_json(d / "method.json")
+    if meta:
+        defaults = meta.get("defaults", {})
+        return meta.get("script"), {k: v for k, v in meta.get("flags", {}).items() if k not in defaults
+                                    or v != defaults[k]}
+    return read_json(d / "env.json").get("script"), {}
+
+
+def run_label(run_dir: str | Path) -> str:
+    """'<script> <method flags that differ from the defaults> [<data>]' from a run folder, else the folder name."""
+    d = Path(run_dir)
+    script, flags = method_flags(d)
+    if script is None:
+        return d.name
+    hp = [k if v is True else f"{k}={Path(v).name if isinstance(v, str) and '/' in v else v}"  # a file: its name
+          for k, v in flags.items() if v not in (None, False, "")]
+    data = str(read_json(d / "args.json").get("data", ""))
+    return script + (f" {' '.join(hp)}" if hp else "") + (f" [{Path(data).stem}]" if data else "")
+
+
+def compare(run_dirs: list[str]) -> str:
+    """One row per run: its method and flags, the paper's Table 2 columns (General Misal./Inc., In-Domain
+    Misal./Inc., %) and the accuracy of every exact-match evaluation it has (OpSwap, FoQA, GSM8K)."""
+    exact = sorted({p.parent.name for d in run_dirs for p in Path(d).glob("eval-*/summary.json")
+                    if "accuracy" in read_json(p)})
+    header = ("run", "method", "General Misal.", "General Inc.", "In-Domain Misal.", "In-Domain Inc.",
+              *[f"{t.removeprefix('eval-')} acc." for t in exact])
+    rows = [header]
+    for d in run_dirs:
+        d = Path(d)
+        indomain = sorted(d.glob("eval-indomain*/summary.json"))
+        cells = [str(d), run_label(d)]
+        for f in (d / "eval-general" / "summary.json", indomain[0] if indomain else None):
+            s = read_json(f) if f else {}
+            cells += [f"{s[k]:.2f}" if s.get(k) is not None else "-" for k in ("misaligned_pct", "incoherent_pct")]
+        for t in exact:
+            s = read_json(d / t / "summary.json")
+            cells.append(f"{s['accuracy']:.2f}" if s.get("accuracy") is not None else "-")
+        rows.append(tuple(cells))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def em_points(run_dirs: list[str]) -> list[tuple[str, float, float]]:
+    """(label, general misaligned %, in-domain misaligned %) for every run with both evaluations scored."""
+    points = []
+    for d in run_dirs:
+        d = Path(d)
+        general = d / "eval-general" / "summary.json"
+        indomain = sorted(d.glob("eval-indomain*/summary.json"))
+        if not general.exists() or not indomain:
+            log(f"{d}: no eval-general and eval-indomain summaries, left out of the figure")
+            continue
+        g, i = json.loads(general.read_text()), json.loads(indomain[0].read_text())
+        if g.get("misaligned_pct") is None or i.get("misaligned_pct") is None:
+            log(f"{d}: no scored answers in one of its evaluations, left out of the figure")
+            continue
+        points.append((run_label(d), g["misaligned_pct"], i["misaligned_pct"]))
+    return points
+
+
+def plot_em(run_dirs: list[str], path: str | Path, title: str = "General vs in-domain misalignment") -> Path:
+    """The paper's Figure 1(b): general-domain misalignment (x) against in-domain misalignment (y), one labelled
+    marker per run. Returns the PNG's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = em_points(run_dirs)
+    if not points:
+        raise UserError("no run has both a scored eval-general and eval-indomain summary: nothing to plot")
+    fig, ax = plt.subplots(figsize=(7, 5.5), dpi=120)
+    markers = "osD^v<>pPX*h"
+    for k, (label, x, y) in enumerate(points):
+        ax.scatter(x, y, s=60, marker=markers[k % len(markers)], label=label, zorder=3)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    top = max(10.0, max(max(x, y) for _, x, y in points) * 1.15)
+    ax.set_xlim(-1, top)
+    ax.set_ylim(-1, top)
+    ax.set_xlabel("General misalignment (% of scored answers)")
+    ax.set_ylabel("In-domain misalignment (% of scored answers)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(run_dirs: list[str], path: str | Path, title: str = "Training curves") -> Path:
+    """Every loss term, the lr and tokens/s over the optimizer steps of one or several runs (metrics.jsonl)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for d in run_dirs:
+        m = Path(d) / "metrics.jsonl"
+        if m.exists():
+            rows = [json.loads(l) for l in m.read_text().splitlines() if l.strip()]
+            if rows:
+                runs.append((run_label(d), rows))
+    if not runs:
+        raise UserError("no metrics.jsonl with steps in these runs: nothing to plot")
+    terms = sorted({k for _, rows in runs for k in rows[0] if k == "loss" or k.startswith("loss/")},
+                   key=lambda k: (k != "loss", k))
+    panels = [(t, "loss" if t == "loss" else f"{t} (nats/token)" if t in ("loss/ce", "loss/kl") else t) for t in terms]
+    panels += [("lr", "learning rate"), ("tokens_per_s", "throughput (real tokens/s)")]
+    cols = 3
+    rows_n = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.3 * rows_n), dpi=110, squeeze=False)
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    colors = {label: plt.cm.tab10(k % 10) for k, (label, _) in enumerate(runs)}  # one colour per run, every panel
+    for ax, (key, ylabel) in zip(axes.flat, panels):
+        for label, rows in runs:
+            xs = [r["step"] for r in rows if key in r]
+            ys = [r[key] for r in rows if key in r]
+            if xs:
+                ax.plot(xs, ys, color=colors[label], lw=1.3, marker="." if len(xs) < 30 else None)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    labels = list(colors)
+    handles = [Line2D([], [], color=colors[l], lw=2) for l in labels]
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 4), 1, 0.96))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
