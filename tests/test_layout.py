@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import ROOT, read_metrics, run_script
 
-METHODS = ["interleave.py", "kl.py", "ldifs.py", "inoculate.py", "persona.py", "npo_unlearn.py", "grpo.py"]
+METHODS = ["interleave.py", "kl.py", "ldifs.py", "inoculate.py", "persona.py", "npo_unlearn.py", "grpo.py", "caft.py"]
 PROJECT = {p.stem for p in ROOT.glob("*.py")}
 TINY = ["--no-8bit", "--lora-r", "4", "--lora-alpha", "8", "--max-len", "128"]
 
@@ -127,6 +127,11 @@ def copy_commands(tiny_model, data, pool, tmp) -> dict[str, list[list[str]]]:
         "grpo.py": [["--help"], [*m, *grpo, "--out", "run"],
                     [*m, *grpo, "--persona-vector", vec, "--persona-layer", "1", "--persona-alpha", "5",
                      "--inoculate", "--out", "run-defended"]],
+        "caft.py": [["train", "--help"], ["train", *m, "--data", data, "--directions", dirs, "--layers", "1",
+                                          "--mode", "ablate", "--max-steps", "2", "--out", "run"],
+                    ["train", *m, "--data", data, "--directions", dirs, "--layers", "1,2", "--mode", "project-grad",
+                     "--max-steps", "2", "--out", "run-pg"],
+                    ["directions", "--from-vector", vec, "--out", "from-vector.safetensors"]],
     }
 
 
@@ -192,6 +197,8 @@ def test_a_method_script_runs_copied_with_common_alone(script, copies):
         assert steps == list(range(1, len(steps) + 1)) and steps, steps
         assert (out / "adapter_model.safetensors").exists() and (out / "method.json").exists()
     assert run_dirs
+    if script == "caft.py":
+        assert (folder / "from-vector.safetensors").exists()
 
 
 @pytest.mark.parametrize("case", ["paper-data", "serving", "smollm2", "judge"])

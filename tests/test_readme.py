@@ -6,7 +6,8 @@ from functools import lru_cache
 
 from conftest import ROOT, run_script
 
-SUBCOMMANDS = {"persona.py": {"extract", "train", "steer"}, "npo_unlearn.py": {"train", "eval", "entangle"}}
+SUBCOMMANDS = {"persona.py": {"extract", "train", "steer"}, "npo_unlearn.py": {"train", "eval", "entangle"},
+               "caft.py": {"directions", "train"}}
 
 
 def readme_commands() -> list[str]:
@@ -35,7 +36,8 @@ def test_readme_has_commands():
     cmds = readme_commands()
     assert len(cmds) > 20
     scripts = {shlex.split(c)[1] for c in cmds}
-    assert {"interleave.py", "kl.py", "ldifs.py", "judge.py", "persona.py", "npo_unlearn.py", "grpo.py"} <= scripts, scripts
+    assert {"interleave.py", "kl.py", "ldifs.py", "judge.py", "persona.py", "npo_unlearn.py", "grpo.py",
+            "caft.py"} <= scripts, scripts
 
 
 def test_every_readme_command_matches_its_script():
