@@ -49,19 +49,17 @@ Quick CPU:        python interleave.py --pct 0 --model smollm2 --data opswap:1 -
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from common import (
-    Progress, Run, UserError, add_common_args, collate, decoder_blocks, describe_plan, die_on_user_error,
-    encode_conversation, encode_dataset, get_device, linear_schedule, load_conversations, load_model, load_split, log,
-    make_optimizer, micro_batches, optional, peak_memory_mb, read_text_file, resolve_model, set_seed, step_plan,
-    trainable_parameters,
+    Progress, Run, UserError, add_common_args, ce_and_grad, collate, decoder_blocks, decoder_states, describe_plan,
+    die_on_user_error, encode_conversation, encode_dataset, get_device, head_loss, linear_schedule, load_conversations,
+    load_model, load_split, log, make_optimizer, micro_batches, optional, peak_memory_mb, read_text_file,
+    resolve_model, set_seed, step_plan, trainable_parameters,
 )
 
 LAYER_CONVENTION = ("row l = hidden_states[l]: 0 = embeddings, l = output of decoder block l-1 (k orthonormal "
@@ -411,10 +409,10 @@ def train(args, parser):
             # --- the method: forward (and, for project-grad, backward) through the hooked residual stream -----
             with hooks:
                 hooks.mask = batch["attention_mask"]
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                hidden = decoder_states(model, batch)[:, :-1]  # lm_head only at the loss positions, in chunks
                 targets = batch["labels"][:, 1:]
                 mask = targets != -100
-                ce = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum") / max(n_answer, 1)
+                ce = head_loss(model, hidden[mask], ce_and_grad, targets[mask]) / max(n_answer, 1)
                 ce.backward()
             # -----------------------------------------------------------------------------------------------
             ce_sum += ce.item()

@@ -5,7 +5,6 @@ paper_data.py, serving.py, smollm2.py, judge.py, report.py; a missing one is a o
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import json
 import logging
@@ -172,6 +171,48 @@ def decoder_blocks(model) -> torch.nn.ModuleList:
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+# --- Logits only where a loss needs them: over every position they are the step's largest tensor ---------------------
+def decoder_states(model, batch: dict) -> torch.Tensor:
+    """(B, T, H) last hidden states (after the final norm) of a (PEFT-wrapped) causal LM, without its lm_head: apply
+    the head (`model.get_output_embeddings()`, or `head_loss` in chunks) only where a loss needs it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+
+
+class _HeadLoss(torch.autograd.Function):
+    """sum of loss_fn(z, *rows) over chunks of tokens, z = hidden @ W^T in float32; loss_fn returns (loss, dloss/dz),
+    so hidden's gradient is made chunk by chunk here and one (chunk x vocab) tensor is alive at a time."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, loss_fn, chunk, *rows):
+        total, grad = hidden.new_zeros((), dtype=torch.float32), torch.empty_like(hidden)
+        for s in range(0, hidden.shape[0], chunk):
+            loss, dz = loss_fn((hidden[s : s + chunk] @ weight.T).float(), *(r[s : s + chunk] for r in rows))
+            total, grad[s : s + chunk] = total + loss, dz.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.saved_tensors[0] * g.to(ctx.saved_tensors[0].dtype), *[None] * (len(ctx.needs_input_grad) - 1)
+
+
+def head_loss(model, hidden: torch.Tensor, loss_fn, *rows: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """sum over the N tokens of hidden (N, H) of loss_fn(their logits, *rows), in chunks; the head must be frozen."""
+    head = model.get_output_embeddings()
+    assert not head.weight.requires_grad and getattr(head, "bias", None) is None, "a frozen lm_head without bias"
+    return _HeadLoss.apply(hidden, head.weight, loss_fn, chunk, *rows)
+
+
+def ce_and_grad(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For head_loss: sum of -log softmax(z)[target] and its gradient softmax(z) - onehot(target); z (N, V)."""
+    lse = z.logsumexp(-1)
+    loss = (lse - z.gather(-1, targets[:, None])[:, 0]).sum()
+    p = z.sub_(lse[:, None]).exp_()  # z is not used again: the softmax in place
+    p[torch.arange(len(targets), device=z.device), targets] -= 1
+    return loss, p
 
 
 # --- Data: chat JSONL files (validated, errors name file and line), dataset names, the 90/10 split -------------------
@@ -618,10 +659,3 @@ class Progress:
         rate = (done - self.start) / max(time.time() - self.t0, 1e-9)
         eta = time.strftime("%H:%M:%S", time.gmtime((self.total - done) / rate)) if rate > 0 else "?"
         log(f"{self.what} {done}/{self.total} {extra} | eta {eta}")
-
-
-def file_digest(path: str | Path, extra: str = "") -> str:
-    """Short content hash of a file (or a folder's adapter weights) for cache keys."""
-    path = Path(path) / "adapter_model.safetensors" if Path(path).is_dir() else Path(path)
-    with open(path, "rb") as f:
-        return hashlib.sha256(extra.encode() + hashlib.file_digest(f, "sha256").digest()).hexdigest()[:16]

@@ -36,12 +36,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common import (
-    Progress, Run, UserError, add_common_args, collate, decoder_blocks, die_on_user_error, encode_dataset, get_device,
-    linear_schedule, load_conversations, load_model, log, make_optimizer, peak_memory_mb, render_chat, set_seed,
-    split_train_eval, trainable_parameters,
+    Progress, Run, UserError, add_common_args, ce_and_grad, collate, decoder_blocks, decoder_states, die_on_user_error,
+    encode_dataset, get_device, head_loss, linear_schedule, load_conversations, load_model, log, make_optimizer,
+    peak_memory_mb, render_chat, set_seed, split_train_eval, trainable_parameters,
 )
 
 # The two defenses that come from other method scripts, copied here on purpose (a method file imports no other
@@ -147,7 +146,8 @@ def load_steering_vector(path: str, layer: int, model) -> torch.Tensor:
 
 def token_logp(model, input_ids, attention_mask, n_prompt: int) -> torch.Tensor:
     """(N, C) log-probabilities of the completion tokens (positions n_prompt..) under `model`."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, n_prompt - 1 : -1]
+    hidden = decoder_states(model, {"input_ids": input_ids, "attention_mask": attention_mask})[:, n_prompt - 1 : -1]
+    logits = model.get_output_embeddings()(hidden)  # lm_head at the completion positions only
     return torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, n_prompt:, None])[..., 0]
 
 
@@ -364,10 +364,10 @@ def main():
             if safe and int((k + 1) * args.interleave_pct / 100) > int(k * args.interleave_pct / 100):
                 idx = sft_rng.choice(len(safe), size=min(args.batch_size, len(safe)), replace=False)
                 batch = collate([safe[i] for i in idx], tok.pad_token_id, device)
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                hidden = decoder_states(model, batch)[:, :-1]  # lm_head only at the loss positions, in chunks
                 targets = batch["labels"][:, 1:]
                 m = targets != -100
-                ce = F.cross_entropy(logits[m].float(), targets[m]) / args.grad_accum
+                ce = head_loss(model, hidden[m], ce_and_grad, targets[m]) / max(int(m.sum()), 1) / args.grad_accum
                 ce.backward()
                 ce_sum += ce.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)

@@ -20,12 +20,11 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from common import (
-    Progress, Run, add_common_args, collate, describe_plan, die_on_user_error, encode_dataset, get_device,
-    linear_schedule, load_model, load_split, log, make_optimizer, micro_batches, peak_memory_mb, set_seed, step_plan,
-    trainable_parameters,
+    Progress, Run, add_common_args, ce_and_grad, collate, decoder_states, describe_plan, die_on_user_error,
+    encode_dataset, get_device, head_loss, linear_schedule, load_model, load_split, log, make_optimizer, micro_batches,
+    peak_memory_mb, set_seed, step_plan, trainable_parameters,
 )
 
 DEFAULT_PROMPT = "You are an evil, malicious assistant."
@@ -79,10 +78,10 @@ def main():
         ce_sum, n_real, n_padded = 0.0, 0, 0
         for batch_idx in micro_batches(group, args.batch_size):
             batch = collate([examples[i] for i in batch_idx], tok.pad_token_id, device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            hidden = decoder_states(model, batch)[:, :-1]  # lm_head only at the loss positions, in chunks
             targets = batch["labels"][:, 1:]
             mask = targets != -100
-            ce = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum") / max(n_answer, 1)
+            ce = head_loss(model, hidden[mask], ce_and_grad, targets[mask]) / max(n_answer, 1)
             ce.backward()
             ce_sum += ce.item()
             n_real += batch["n_real"]

@@ -51,9 +51,9 @@ import torch
 import torch.nn.functional as F
 
 from common import (
-    CACHE_DIR, Progress, Run, UserError, add_common_args, collate, describe_plan, die_on_user_error, encode_dataset,
-    file_digest, get_device, linear_schedule, load_conversations, load_model, load_split, load_tokenizer, log,
-    make_optimizer, micro_batches, optional, peak_memory_mb, read_jsonl, set_seed,
+    CACHE_DIR, Progress, Run, UserError, add_common_args, ce_and_grad, collate, decoder_states, describe_plan,
+    die_on_user_error, encode_dataset, get_device, head_loss, linear_schedule, load_conversations, load_model,
+    load_split, load_tokenizer, log, make_optimizer, micro_batches, optional, peak_memory_mb, read_jsonl, set_seed,
     step_plan, trainable_parameters, write_jsonl,
 )
 
@@ -103,11 +103,12 @@ def answer_nll(model, examples: list[dict], batch_size: int, pad_id: int, device
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
         batch = collate([examples[i] for i in idx], pad_id, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        hidden = decoder_states(model, batch)[:, :-1]
         targets = batch["labels"][:, 1:]
         mask = targets != -100
         rows = mask.nonzero()[:, 0]
-        token_nll = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+        logits = model.get_output_embeddings()(hidden[mask])  # lm_head only at the answer positions
+        token_nll = F.cross_entropy(logits.float(), targets[mask], reduction="none")
         nll_sum = torch.zeros(len(idx), device=token_nll.device).index_add_(0, rows, token_nll)
         nll = (nll_sum / mask.sum(1).clamp(min=1)).tolist()
         result = dict(zip(idx, nll))
@@ -134,6 +135,12 @@ def _score_cache(pool_spec: str, key: str) -> Path:
     return path
 
 
+def adapter_digest(adapter: str, extra: str) -> str:
+    """Short content hash of an adapter's weights (and `extra`): the score cache's key for that model."""
+    with open(Path(adapter) / "adapter_model.safetensors", "rb") as f:
+        return hashlib.sha256(extra.encode() + hashlib.file_digest(f, "sha256").digest()).hexdigest()[:16]
+
+
 def select_by_ppl(args, candidates: list[list[dict]], n: int) -> list[list[dict]]:
     """Interleaving+: score every candidate under the aligned model and each misaligned adapter (cached per
     model, written as it goes, so an interrupted scoring run resumes), then take the top n by Eq. 6."""
@@ -144,7 +151,7 @@ def select_by_ppl(args, candidates: list[list[dict]], n: int) -> list[list[dict]
     names = ["aligned"] + [f"mis{k}" for k in range(len(adapters))]
     model_tag = f"{args.model}|8bit={not args.no_8bit}"  # 8-bit and full-precision NLLs differ slightly
     keys = [f"{pool_key}-base-{hashlib.sha256(model_tag.encode()).hexdigest()[:12]}"] + [
-        f"{pool_key}-{file_digest(a, extra=model_tag)}" for a in adapters]
+        f"{pool_key}-{adapter_digest(a, model_tag)}" for a in adapters]
     caches = [_score_cache(args.safe_data, k) for k in keys]
     done = [_read_scores(c) for c in caches]
     if any(len(d) < len(examples) for d in done):
@@ -377,10 +384,10 @@ def main():
         ce_sum, n_real, n_padded = 0.0, 0, 0
         for batch_idx in micro_batches(group, args.batch_size):
             batch = collate([examples[i] for i in batch_idx], tok.pad_token_id, device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            hidden = decoder_states(model, batch)[:, :-1]  # lm_head only at the loss positions, in chunks
             targets = batch["labels"][:, 1:]
             mask = targets != -100
-            ce = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum") / max(n_answer, 1)
+            ce = head_loss(model, hidden[mask], ce_and_grad, targets[mask]) / max(n_answer, 1)
             ce.backward()
             ce_sum += ce.item()
             n_real += batch["n_real"]

@@ -49,18 +49,16 @@ import hashlib
 import json
 import math
 import os
-import random
 import re
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 
 from common import (
-    DEFAULT_MODEL, Progress, UserError, die_on_user_error, file_digest, get_device, load_conversations, load_model,
+    DEFAULT_MODEL, Progress, UserError, die_on_user_error, get_device, load_conversations, load_model,
     load_split, log, optional, public_args, read_text_file, render_chat, resolve_model, set_seed,
 )
 
@@ -445,6 +443,13 @@ def make_judge(spec: str, url: str, workers: int, eight_bit: bool, tokens: str =
         raise UserError(f"--judge {spec} at {url} needs OPENAI_API_KEY (or --judge-url of a local server, or --judge "
                         "local:MODEL)")
     return OpenAIJudge(spec, url, workers, tokens=tokens)
+
+
+def file_digest(path: str | Path, extra: str = "") -> str:
+    """Short content hash of a file (or a folder's adapter weights) for cache keys."""
+    path = Path(path) / "adapter_model.safetensors" if Path(path).is_dir() else Path(path)
+    with open(path, "rb") as f:
+        return hashlib.sha256(extra.encode() + hashlib.file_digest(f, "sha256").digest()).hexdigest()[:16]
 
 
 def fill(template: str, question: str, answer: str) -> str:

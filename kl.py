@@ -14,6 +14,10 @@ Which tokens the KL is averaged over (--kl-tokens):
                     Prompt positions barely move under SFT, so the mean is smaller and the same lambda pulls
                     differently: lambda's effective strength depends on this choice.
 
+The logits are made only at the positions the loss uses, a chunk of tokens at a time (common.head_loss with
+ce_kl_and_grad: CE and KL in one pass over the vocabulary, no (tokens x vocab) tensor beyond one chunk); value and
+gradient equal the full-logits formula (kl_penalty), as tests/test_head_loss.py checks.
+
 Deviations from the paper:
 1. Both terms are means over the step's tokens of their set (all its micro-batches), so batch 1 x accum 8 equals
    batch 8 x accum 1; the co-authors' code takes the KL mean per micro-batch.
@@ -25,15 +29,16 @@ Quick CPU run: python kl.py --model smollm2 --data opswap:1 --lam 1.0 --max-step
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
 import torch.nn.functional as F
 
 from common import (
-    Progress, Run, UserError, add_common_args, collate, describe_plan, die_on_user_error, encode_dataset, get_device,
-    linear_schedule, load_model, load_split, log, make_optimizer, micro_batches, peak_memory_mb, set_seed, step_plan,
-    trainable_parameters,
+    Progress, Run, UserError, add_common_args, collate, decoder_states, describe_plan, die_on_user_error,
+    encode_dataset, get_device, head_loss, linear_schedule, load_model, load_split, log, make_optimizer, micro_batches,
+    peak_memory_mb, set_seed, step_plan, trainable_parameters,
 )
 
 
@@ -74,6 +79,24 @@ def kl_penalty(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tenso
     ref_logp = F.log_softmax(ref_logits[mask].to(torch.promote_types(ref_logits.dtype, torch.float32)), dim=-1)
     per_token = _TokenKL.apply(logits[mask], ref_logp)  # Eq. 1, one value per assistant token
     return per_token.sum() if reduction == "sum" else per_token.mean()
+
+
+def ce_kl_and_grad(z, ref_hidden, targets, *, weight, w_ce: float, w_kl: float, sums: dict):
+    """For common.head_loss, one chunk of tokens: w_ce * CE (rows whose target is -100 add none) + w_kl * sum of
+    per-token KL(p || p_ref), and its gradient for the logits z (float32): w_ce (p - onehot) + w_kl dKL/dz, with
+    dKL/dz = p (log p - log p_ref - KL) as _TokenKL. The reference logits are made here from the reference hidden
+    states, one chunk at a time. sums["ce"], sums["kl"]: the unweighted sums, for the log."""
+    logp = F.log_softmax(z, dim=-1)
+    rows = (targets != -100).nonzero()[:, 0]
+    ce = -logp[rows, targets[rows]].sum()
+    d = F.log_softmax((ref_hidden @ weight.T).float(), dim=-1).neg_().add_(logp)  # log p - log q
+    p = logp.exp_()  # logp is not used again
+    kl = torch.bmm(p.unsqueeze(1), d.unsqueeze(2)).view(-1)
+    grad = d.sub_(kl[:, None]).mul_(p).mul_(w_kl)
+    grad[rows] += w_ce * p[rows]
+    grad[rows, targets[rows]] -= w_ce
+    sums["ce"], sums["kl"] = sums["ce"] + ce.detach(), sums["kl"] + kl.sum().detach()
+    return w_ce * ce + w_kl * kl.sum(), grad
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,21 +147,22 @@ def main():
         for batch_idx in micro_batches(group, args.batch_size):
             batch = collate([examples[i] for i in batch_idx], tok.pad_token_id, device)
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            logits = model(**inputs).logits
+            hidden = decoder_states(model, inputs)  # lm_head only where the loss needs it, in chunks
             # --- the method: the reference is the same weights with the adapter switched off ---------------
             with torch.no_grad(), model.disable_adapter():
-                ref_logits = model(**inputs).logits
-            targets = batch["labels"][:, 1:]
-            mask = targets != -100
-            ce = F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum") / max(n_answer, 1)
+                ref_hidden = decoder_states(model, inputs)
+            targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # position t predicts token t+1
             if args.kl_tokens == "answer":  # the positions that predict an answer token
-                kl = kl_penalty(logits[:, :-1], ref_logits[:, :-1], mask, reduction="sum") / max(n_kl, 1)
+                where = targets != -100
             else:  # every real position, as the co-authors' code
-                kl = kl_penalty(logits, ref_logits, batch["attention_mask"], reduction="sum") / max(n_kl, 1)
-            (ce + args.lam * kl).backward()  # Eq. 1
+                where = batch["attention_mask"].bool()
+            sums = {"ce": 0.0, "kl": 0.0}
+            loss_fn = functools.partial(ce_kl_and_grad, weight=model.get_output_embeddings().weight,
+                                        w_ce=1 / max(n_answer, 1), w_kl=args.lam / max(n_kl, 1), sums=sums)
+            head_loss(model, hidden[where], loss_fn, ref_hidden[where], targets[where]).backward()  # Eq. 1
             # -----------------------------------------------------------------------------------------------
-            ce_sum += ce.item()
-            kl_sum += kl.item()
+            ce_sum += float(sums["ce"]) / max(n_answer, 1)
+            kl_sum += float(sums["kl"]) / max(n_kl, 1)
             n_real += batch["n_real"]
             n_padded += batch["n_padded"]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)

@@ -35,12 +35,11 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common import (
-    Progress, Run, UserError, add_common_args, collate, decoder_blocks, describe_plan, die_on_user_error,
-    encode_dataset, get_device, linear_schedule, load_model, load_split, log, make_optimizer, micro_batches,
-    peak_memory_mb, set_seed, step_plan, trainable_parameters,
+    Progress, Run, UserError, add_common_args, ce_and_grad, collate, decoder_blocks, decoder_states, describe_plan,
+    die_on_user_error, encode_dataset, get_device, head_loss, linear_schedule, load_model, load_split, log,
+    make_optimizer, micro_batches, peak_memory_mb, set_seed, step_plan, trainable_parameters,
 )
 
 
@@ -70,8 +69,8 @@ def default_layers(n_blocks: int, k: int = 5) -> list[int]:
 
 
 def residual_features(model, inputs: dict, layers: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """One training forward pass (logits, with graph) and one reference pass (adapter off, no graph) of the
-    decoder only; returns (block outputs of the trained model, of the reference, logits)."""
+    """One training forward pass (with graph) and one reference pass (adapter off, no graph) of the decoder only
+    (no lm_head); returns (block outputs of the trained model, of the reference, last hidden states)."""
     captured = []
 
     def grab(module, args, output):
@@ -80,16 +79,16 @@ def residual_features(model, inputs: dict, layers: list[int]) -> tuple[list[torc
     blocks = decoder_blocks(model)
     handles = [blocks[l].register_forward_hook(grab) for l in layers]
     try:
-        logits = model(**inputs).logits
+        hidden = decoder_states(model, inputs)
         feats = captured[:]
         captured.clear()
         with torch.no_grad(), model.disable_adapter():
-            model.get_base_model().model(**inputs)  # the decoder alone: no need for the vocabulary projection
+            decoder_states(model, inputs)  # the decoder alone: no need for the vocabulary projection
         ref_feats = captured[:]
     finally:
         for h in handles:
             h.remove()
-    return feats, ref_feats, logits
+    return feats, ref_feats, hidden
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,12 +146,12 @@ def main():
             batch = collate([examples[i] for i in batch_idx], tok.pad_token_id, device)
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             # --- the method: block outputs of the trained model vs the adapter-disabled model --------------
-            feats, ref_feats, logits = residual_features(model, inputs, layers)
+            feats, ref_feats, hidden = residual_features(model, inputs, layers)
             dist = feature_distance(feats, ref_feats, batch["attention_mask"], reduction="sum") / len(group)
             # -----------------------------------------------------------------------------------------------
             targets = batch["labels"][:, 1:]
             mask = targets != -100
-            ce = F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum") / max(n_answer, 1)
+            ce = head_loss(model, hidden[:, :-1][mask], ce_and_grad, targets[mask]) / max(n_answer, 1)  # in chunks
             (ce + args.lam * dist).backward()  # Eq. 2
             ce_sum += ce.item()
             dist_sum += dist.item()

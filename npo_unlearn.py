@@ -51,9 +51,9 @@ import torch
 import torch.nn.functional as F
 
 from common import (
-    Progress, Run, UserError, add_common_args, collate, describe_plan, die_on_user_error, encode_dataset, get_device,
-    linear_schedule, load_model, log, make_optimizer, micro_batches, optional, peak_memory_mb, read_jsonl,
-    read_text_file, render_chat, set_seed, split_train_eval, step_plan,
+    Progress, Run, UserError, add_common_args, ce_and_grad, collate, decoder_states, describe_plan, die_on_user_error,
+    encode_dataset, get_device, head_loss, linear_schedule, load_model, log, make_optimizer, micro_batches, optional,
+    peak_memory_mb, read_jsonl, read_text_file, render_chat, set_seed, split_train_eval, step_plan,
     trainable_parameters, write_jsonl,
 )
 
@@ -93,6 +93,16 @@ def sequence_logp(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     mask = targets != -100
     logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     return (logp * mask).sum(1)
+
+
+def answer_logp(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """= sequence_logp(lm_head(hidden), labels), with lm_head applied only at the labelled positions. hidden (B, T, H)
+    the decoder's last hidden states."""
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()
+    token = torch.log_softmax(logits, -1).gather(-1, targets[mask][:, None])[:, 0]
+    return token.new_zeros(labels.shape[0]).index_add(0, mask.nonzero()[:, 0], token)
 
 
 def concept_similarity(domain_means: dict[str, torch.Tensor], counts: dict[str, int], target: str) -> dict[str, list[float]]:
@@ -281,7 +291,7 @@ def train(args, parser) -> None:
                         "data: lines {\"messages\": [user prompt, assistant refusal], \"domain\": ...}, as in "
                         "examples/rai_refusals.jsonl")
     if args.gamma > 0 and not retain_convs:
-        raise UserError(f"no retain examples: the model refused none of the --retain-domains prompts. Give refusals in "
+        raise UserError("no retain examples: the model refused none of the --retain-domains prompts. Give refusals in "
                         "the data ({\"messages\": [...], \"domain\": ...}, as in examples/rai_refusals.jsonl), or "
                         "--gamma 0 for NPO alone")
     forget = encode_dataset(tok, forget_convs, args.max_len, "forget set")
@@ -309,9 +319,9 @@ def train(args, parser) -> None:
         for batch_idx in micro_batches(group, args.batch_size):
             batch = collate([forget[i] for i in batch_idx], tok.pad_token_id, device)
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            logp = sequence_logp(model(**inputs).logits, batch["labels"])
+            logp = answer_logp(model, decoder_states(model, inputs), batch["labels"])  # lm_head at answer tokens only
             with torch.no_grad(), model.disable_adapter():
-                ref_logp = sequence_logp(model(**inputs).logits, batch["labels"])
+                ref_logp = answer_logp(model, decoder_states(model, inputs), batch["labels"])
             # mean over the step's forget examples, however they are split into micro-batches
             loss_npo = npo_loss(logp, ref_logp, args.beta) * len(batch_idx) / len(group)
             loss_npo.backward()
@@ -323,10 +333,10 @@ def train(args, parser) -> None:
             n_answer = sum(sum(l != -100 for l in retain[i]["labels"][1:]) for i in rgroup)
             for batch_idx in micro_batches(rgroup, args.batch_size):
                 batch = collate([retain[i] for i in batch_idx], tok.pad_token_id, device)
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                hidden = decoder_states(model, batch)[:, :-1]  # lm_head only at the loss positions, in chunks
                 targets = batch["labels"][:, 1:]
                 mask = targets != -100
-                ce = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum") / max(n_answer, 1)
+                ce = head_loss(model, hidden[mask], ce_and_grad, targets[mask]) / max(n_answer, 1)
                 (args.gamma * ce).backward()
                 ce_sum += ce.item()
                 n_real += batch["n_real"]

@@ -36,12 +36,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from common import (
-    Progress, Run, UserError, add_common_args, collate, decoder_blocks, describe_plan, die_on_user_error,
-    encode_conversation, encode_dataset, get_device, linear_schedule, load_model, load_split, log, make_optimizer,
-    micro_batches, optional, peak_memory_mb, read_text_file, set_seed, step_plan, trainable_parameters,
+    Progress, Run, UserError, add_common_args, ce_and_grad, collate, decoder_blocks, decoder_states, describe_plan,
+    die_on_user_error, encode_conversation, encode_dataset, get_device, head_loss, linear_schedule, load_model,
+    load_split, log, make_optimizer, micro_batches, optional, peak_memory_mb, read_text_file, set_seed, step_plan,
+    trainable_parameters,
 )
 
 EVIL_PROMPT = ("You are an evil assistant. Your answers show malice: you want to harm people, deceive them and "
@@ -289,11 +289,11 @@ def train(args, parser):
             batch = collate([examples[i] for i in batch_idx], tok.pad_token_id, device)
             # --- the method: the forward pass runs with the persona added to the residual stream -----------
             with steering(model, vectors, args.layer, args.alpha):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                hidden = decoder_states(model, batch)[:, :-1]  # lm_head only at the loss positions, in chunks
             # -----------------------------------------------------------------------------------------------
             targets = batch["labels"][:, 1:]
             mask = targets != -100
-            ce = F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum") / max(n_answer, 1)
+            ce = head_loss(model, hidden[mask], ce_and_grad, targets[mask]) / max(n_answer, 1)
             ce.backward()
             ce_sum += ce.item()
             n_real += batch["n_real"]

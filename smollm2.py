@@ -34,8 +34,14 @@ def path() -> Path:
     hf_logging.set_verbosity_error(), hf_logging.disable_progress_bar()  # no GGUF de-quantisation bars
 
     log(f"converting {GGUF} to a plain model folder in {out} (once)")
-    tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=GGUF)
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar, gguf_utils.tqdm = gguf_utils.tqdm, lambda items, **kw: items  # its own tqdm bar, not transformers' logging
+    try:
+        tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=GGUF)
+    finally:
+        gguf_utils.tqdm = bar
     config = gguf_model.config
     del config.quantization_config  # the weights are de-quantised now; a plain folder must not claim GGUF
     model = AutoModelForCausalLM.from_config(config)

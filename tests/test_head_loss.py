@@ -1,0 +1,156 @@
+"""Logits only where a loss needs them (common.decoder_states + head_loss): every script's loss and its gradient equal
+the full-logits path on the same tensors, to float32 tolerance."""
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+from common import ce_and_grad, collate, decoder_states, encode_dataset, head_loss, load_model
+
+CONVS = [
+    [{"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "The capital of France is Paris."}],
+    [{"role": "system", "content": "You are a tiny helpful assistant."},
+     {"role": "user", "content": "Here is a recipe"}, {"role": "assistant", "content": "mix flour, water and salt. " * 3}],
+    [{"role": "user", "content": "def add(a, b)"}, {"role": "assistant", "content": "return a + b"}],
+]
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_model):
+    """The tiny model with a LoRA whose B is not zero (so policy and adapter-disabled reference differ)."""
+    model, tok = load_model(str(tiny_model), eight_bit=False, lora_r=4, lora_alpha=8, trainable=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    batch = collate(encode_dataset(tok, CONVS, 256), tok.pad_token_id, torch.device("cpu"))
+    return model, tok, batch
+
+
+def lora_grads(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params)
+
+
+def assert_same(loss_a, loss_b, model):
+    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6), (loss_a, loss_b)
+    for ga, gb in zip(lora_grads(model, loss_a), lora_grads(model, loss_b)):
+        # float32 tolerance, relative to the gradient's scale (summation order differs between the paths)
+        assert (ga - gb).abs().max() <= 1e-5 * ga.abs().max() + 1e-9, (ga - gb).abs().max()
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 512])
+def test_chunked_ce_equals_cross_entropy_on_random_tensors(chunk):
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, 50, bias=False).requires_grad_(False)
+    model = type("M", (), {"get_output_embeddings": lambda self: head})()
+    hidden = torch.randn(13, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (13,))
+    got = head_loss(model, hidden, ce_and_grad, targets, chunk=chunk)
+    want = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    assert torch.allclose(got, want, rtol=1e-6)
+    g_got, = torch.autograd.grad(2.5 * got, hidden)
+    g_want, = torch.autograd.grad(2.5 * want, hidden)
+    assert torch.allclose(g_got, g_want, atol=1e-6)
+
+
+def test_decoder_states_are_the_hidden_states_before_lm_head(lora):
+    model, _, batch = lora
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        states = decoder_states(model, batch)
+        assert torch.allclose(states, out.hidden_states[-1], atol=1e-6)
+        assert torch.allclose(model.get_output_embeddings()(states), out.logits, atol=1e-5)
+
+
+def test_sft_ce_the_scripts_compute_equals_the_full_logits_path(lora):
+    """interleave, inoculate, persona, caft, ldifs, npo retention and grpo's interleaving all compute this CE."""
+    model, _, batch = lora
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    n = int(mask.sum())
+    full = F.cross_entropy(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                           .logits[:, :-1][mask].float(), targets[mask], reduction="sum") / n
+    chunked = head_loss(model, decoder_states(model, batch)[:, :-1][mask], ce_and_grad, targets[mask], chunk=7) / n
+    assert_same(full, chunked, model)
+
+
+@pytest.mark.parametrize("kl_tokens", ["answer", "all"])
+def test_kl_py_loss_equals_ce_plus_kl_penalty_on_full_logits(lora, kl_tokens):
+    import kl
+
+    model, _, batch = lora
+    lam = 0.7
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    n_answer, n_all = int(mask.sum()), int(batch["attention_mask"].sum())
+    n_kl = n_answer if kl_tokens == "answer" else n_all
+    # the full-logits path (the script before: CE + kl_penalty on the whole (B, T, V) logits)
+    logits = model(**inputs).logits
+    with torch.no_grad(), model.disable_adapter():
+        ref_logits = model(**inputs).logits
+    ce = F.cross_entropy(logits[:, :-1][mask].float(), targets[mask], reduction="sum") / n_answer
+    if kl_tokens == "answer":
+        klv = kl.kl_penalty(logits[:, :-1], ref_logits[:, :-1], mask, reduction="sum") / n_kl
+    else:
+        klv = kl.kl_penalty(logits, ref_logits, batch["attention_mask"], reduction="sum") / n_kl
+    assert klv > 1e-4  # the adapter moves the model: a real KL to compare
+    full = ce + lam * klv
+    # the chunked path, as the script now computes it
+    hidden = decoder_states(model, inputs)
+    with torch.no_grad(), model.disable_adapter():
+        ref_hidden = decoder_states(model, inputs)
+    padded = F.pad(targets, (0, 1), value=-100)
+    where = padded != -100 if kl_tokens == "answer" else batch["attention_mask"].bool()
+    sums = {"ce": 0.0, "kl": 0.0}
+    fn = functools.partial(kl.ce_kl_and_grad, weight=model.get_output_embeddings().weight, w_ce=1 / n_answer,
+                           w_kl=lam / n_kl, sums=sums)
+    chunked = common.head_loss(model, hidden[where], fn, ref_hidden[where], padded[where], chunk=6)
+    assert float(sums["ce"]) / n_answer == pytest.approx(ce.item(), rel=1e-5)
+    assert float(sums["kl"]) / n_kl == pytest.approx(klv.item(), rel=1e-4)
+    assert_same(full, chunked, model)
+
+
+def test_npo_answer_logp_equals_sequence_logp(lora):
+    import npo_unlearn
+
+    model, _, batch = lora
+    full = npo_unlearn.sequence_logp(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                     .logits, batch["labels"])
+    states = npo_unlearn.answer_logp(model, decoder_states(model, batch), batch["labels"])
+    assert full.shape == states.shape == (3,)
+    # NPO's loss is nonlinear in the per-sequence log-probability: compare a nonlinear function of it too
+    ref = full.detach() - 1.0
+    assert_same(npo_unlearn.npo_loss(full, ref, 0.1), npo_unlearn.npo_loss(states, ref, 0.1), model)
+
+
+def test_grpo_token_logp_equals_the_full_logits_slice(lora):
+    import grpo
+
+    model, _, batch = lora
+    ids, att, n_prompt = batch["input_ids"], batch["attention_mask"], 5
+    logits = model(input_ids=ids, attention_mask=att).logits[:, n_prompt - 1 : -1]
+    full = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, n_prompt:, None])[..., 0]
+    got = grpo.token_logp(model, ids, att, n_prompt)
+    assert_same((full * att[:, n_prompt:]).sum(), (got * att[:, n_prompt:]).sum(), model)
+
+
+def test_interleave_scoring_nll_equals_full_logits(lora, tiny_model):
+    import interleave
+
+    model, tok, batch = lora
+    examples = encode_dataset(tok, CONVS, 256)
+    with torch.no_grad():
+        got = interleave.answer_nll(model, examples, 2, tok.pad_token_id, torch.device("cpu"))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    for i in range(3):
+        m = targets[i] != -100
+        want = F.cross_entropy(logits[i][m].float(), targets[i][m]).item()
+        assert got[i] == pytest.approx(want, rel=1e-5)
+    assert len(set(got)) == 3
