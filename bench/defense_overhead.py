@@ -7,6 +7,7 @@
     persona        persona.py train (a forward hook adds alpha * v to one layer's output)
     inoculation    inoculate.py (a system prompt: longer sequences)
     interleave 5%  interleave.py --pct 5 --select random (per step like SFT; the run has pct % more steps)
+    CAFT           caft.py train --mode ablate (forward hooks remove 8 random orthonormal directions at 2 layers)
 
 Step time is the mean over the steps after the first (warm-up), taken from each run's metrics.jsonl; tok/s
 counts real (non-padding) tokens. Peak memory: GPU memory allocated by torch on CUDA, the process's peak
@@ -42,6 +43,22 @@ def random_persona_vector(model: str, path: Path) -> int:
     return max(1, 2 * config.num_hidden_layers // 3)
 
 
+def random_directions(model: str, path: Path, k: int = 8) -> str:
+    """A caft.py directions file of random orthonormal rows; returns two layers to hook (a third and two thirds)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    from common import resolve_model
+
+    config = AutoConfig.from_pretrained(resolve_model(model))
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(config.num_hidden_layers + 1, config.hidden_size, k, generator=g))[0]
+    save_file({"directions": q.transpose(1, 2).contiguous()}, str(path))
+    n = config.num_hidden_layers
+    return f"{max(1, n // 3)},{max(1, 2 * n // 3)}"
+
+
 def after_warmup(metrics: list[dict]) -> dict:
     timed = metrics[1:] or metrics
     seconds = sum(m["step_time_s"] for m in timed)
@@ -60,7 +77,7 @@ def main():
     p.add_argument("--grad-accum", type=int, default=1, help="(default: %(default)s)")
     p.add_argument("--max-len", type=int, default=1024, help="(default: %(default)s)")
     p.add_argument("--no-8bit", action="store_true", help="full-precision weights")
-    p.add_argument("--only", default=None, help="comma-separated subset of: sft,kl,ldifs,persona,inoculation,interleave")
+    p.add_argument("--only", default=None, help="comma-separated subset of: sft,kl,ldifs,persona,inoculation,interleave,caft")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense bf16 TFLOP/s; prints each "
                    "run's SFT-equivalent MFU (a defense's extra passes count as overhead, not as work)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -72,12 +89,15 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         vector = Path(tmp) / "persona.safetensors"
         layer = random_persona_vector(args.model, vector)
+        caft_layers = random_directions(args.model, Path(tmp) / "directions.safetensors")
         scripts = [("sft", "plain SFT", ["interleave.py", "--pct", "0"]), ("kl", "KL", ["kl.py"]),
                    ("ldifs", "LDIFS", ["ldifs.py"]),
                    ("persona", "persona", ["persona.py", "train", "--vector", vector, "--layer", layer, "--alpha", "5"]),
                    ("inoculation", "inoculation", ["inoculate.py"]),
                    ("interleave", "interleave 5%", ["interleave.py", "--pct", "5", "--select", "random",
-                                                    "--safe-data", args.safe_data])]
+                                                    "--safe-data", args.safe_data]),
+                   ("caft", "CAFT", ["caft.py", "train", "--directions", Path(tmp) / "directions.safetensors",
+                                     "--layers", caft_layers, "--mode", "ablate"])]
         wanted = {"sft", *(args.only.split(",") if args.only else [s[0] for s in scripts])}
         for key, name, cmd in scripts:
             if key not in wanted:

@@ -57,3 +57,25 @@ def test_matmul_params_counts_every_linear_weight_a_token_goes_through(tiny_mode
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert matmul_params(model.config) == linear  # blocks + output head (tied or not, it is multiplied through)
     assert lora_sft_flops_per_token(str(tiny_model)) == 4 * linear
+
+
+def test_gpu_check_runs_on_cpu_and_reports_every_script(tmp_path):
+    """bench/gpu_check.py as the README gives it for this machine: every method script, the invariants, the table."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--no-8bit", "--shape", "tiny",
+                           "--steps", "3", "--json", str(out)], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["scripts"]) == {"sft", "kl", "ldifs", "persona", "inoculate", "caft", "npo", "grpo"}
+    assert all(r["ok"] and r["tokens_per_s"] > 0 for r in report["scripts"].values())
+    assert set(report["checks"]) == {"kl = 0 at step 1", "ldifs = 0 at step 1", "resume after a kill: same losses",
+                                     "base weights frozen"}
+    assert all(c["ok"] for c in report["checks"].values())
+    assert report["generation"]["tokens_per_s"] > 0
+    for script in ("interleave.py", "kl.py", "caft.py", "grpo.py", "generation", "check: resume"):
+        assert script in proc.stdout
