@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import random
 import re
 import time
@@ -257,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-n", type=int, default=50, help="held-out questions for accuracy: a small default for quick "
                    "runs; GSM8K's whole test set is 1319 (default: %(default)s)")
     g.add_argument("--gen-batch-size", type=int, default=16, help="questions per evaluation batch (default: %(default)s)")
+    g.add_argument("--eval-before", action="store_true", help="also measure the held-out accuracy of the starting "
+                   "model (before any GRPO step), written to heldout-before.json")
+    g.add_argument("--warn-zero-spread", type=int, default=5, metavar="N", help="warn loudly when every group of N "
+                   "steps in a row had zero reward spread (all advantages 0: no learning is possible) (default: "
+                   "%(default)s; 0 = never)")
     g = p.add_argument_group("method: defenses")
     g.add_argument("--kl-beta", type=float, default=0.0, help="k3 KL penalty toward the adapter-disabled model "
                    "(default: %(default)s; paper's defense: 0.1)")
@@ -315,6 +321,11 @@ def main():
     progress = Progress(total_steps, start)
     sft_rng = np.random.default_rng([args.seed, 99, start])
 
+    if args.eval_before and not (run.out / "heldout-before.json").exists():
+        acc = heldout_accuracy(model, tok, held, args)
+        (run.out / "heldout-before.json").write_text(json.dumps({"heldout_accuracy": acc, "n": len(held)}))
+        log(f"held-out accuracy before GRPO: {acc:.1f}%")
+    flat_steps = 0  # steps in a row where every group's rewards were all equal
     for step in range(start, total_steps):
         t0 = time.time()
         parts_sum, n_comp, n_correct, zero_std, n_groups = {}, 0, 0, 0, 0
@@ -383,6 +394,13 @@ def main():
             "grad_norm": float(grad_norm), "completion_tokens": comp_len / n_comp, "step_time_s": dt,
             "tokens_per_s": comp_len / dt, "peak_mem_mb": peak_memory_mb(),
         }
+        flat_steps = flat_steps + 1 if zero_std == n_groups else 0
+        if args.warn_zero_spread and flat_steps == args.warn_zero_spread:
+            log(f"WARNING: in each of the last {flat_steps} steps every group of {args.num_generations} completions "
+                f"earned the same reward (mean reward {record['reward']:.2f}): every advantage is 0 and GRPO cannot "
+                "learn. The model never earns a different reward from its siblings (a small model may never write "
+                "the answer format): warm it up with SFT on correctly formatted answers (--init-adapter), or use "
+                "more --num-generations or a higher --temperature")
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == total_steps:
             record["heldout_accuracy"] = heldout_accuracy(model, tok, held, args)
         run.log_metrics(record)

@@ -134,3 +134,18 @@ def test_trim_padding_keeps_every_real_token():
     # a row of one-token completions keeps its completion column
     s, a, n_prompt, c = trim_padding(seqs[1:], attention[1:], 4, comp[1:])
     assert n_prompt == 3 and c.tolist() == [[True]]
+
+
+def test_zero_reward_spread_is_reported_loudly(tiny_model, tmp_path):
+    """A random tiny model never earns different rewards within a group: every advantage is 0, and the run says so
+    once N steps in a row are flat (and says nothing when a group had spread)."""
+    out = tmp_path / "flat"
+    proc = run_script("grpo.py", "--model", tiny_model, "--data", "arith", *TINY, "--max-steps", "3", "--batch-size",
+                      "4", "--num-generations", "2", "--grad-accum", "1", "--max-new-tokens", "4", "--eval-n", "2",
+                      "--warn-zero-spread", "2", "--out", out)
+    m = read_metrics(out)
+    flat = [x["zero_std_groups"] == 1 for x in m]
+    warned = "every advantage is 0 and GRPO cannot learn" in proc.stderr
+    assert warned == any(a and b for a, b in zip(flat, flat[1:])), (flat, proc.stderr[-1500:])
+    assert flat[0] and flat[1]  # the case this test is about: this seed gives two flat steps
+    assert proc.stderr.count("GRPO cannot learn") == 1  # once, not every step

@@ -165,3 +165,13 @@ def test_bad_domain(tiny_model, prompts_file, tmp_path):
     bad.write_text('{"prompt": "hi", "domain": "safety"}\n{"prompt": "hi"}\n')
     p = run_script("npo_unlearn.py", "entangle", "--model", tiny_model, "--data", bad, "--target", "safety", check=False)
     assert p.returncode == 2 and "bad.jsonl:2:" in p.stderr
+
+
+def test_train_has_no_gen_model_flag_and_eval_has_it():
+    """npo_unlearn.py train generates only the base model's refusals (--gen-base-model); --gen-model, the trained
+    adapter's name on a server, belongs to eval. train refuses it instead of ignoring it."""
+    bad = run_script("npo_unlearn.py", "train", "--gen-model", "x", "--max-steps", "1", check=False)
+    assert bad.returncode == 2 and "unrecognized arguments: --gen-model" in bad.stderr
+    assert "--gen-base-model" in run_script("npo_unlearn.py", "train", "--help").stdout
+    helptext = run_script("npo_unlearn.py", "eval", "--help").stdout
+    assert "--gen-model" in helptext and "--gen-base-model" in helptext
