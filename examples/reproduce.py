@@ -1,29 +1,38 @@
 """Reproduce the paper's study with one command: every method x dataset run, its evaluations, the tables and figures.
 
-    python examples/reproduce.py --preset cpu                       # offline, this machine, ~20-30 minutes
-    python examples/reproduce.py --preset paper --devices 0,1,2,3   # Qwen2.5-7B-Instruct, Table 2 (GPUs, keys)
-    python examples/reproduce.py --preset cpu --dry-run             # print every command, in order
+    python examples/reproduce.py --preset cpu                       # offline, this machine: Tables 3 and 5
+    python examples/reproduce.py --preset cpu --tables 3            # only Table 3 (OpSwap tiers 0-3)
+    python examples/reproduce.py --preset paper --devices 0,1,2,3   # Tables 2-5 (GPUs, an OpenAI key, HF_TOKEN)
+    python examples/reproduce.py --preset paper --grid paper --emit slurm study.sbatch   # the grids, on Slurm
+    python examples/reproduce.py --preset paper --dry-run           # print every command, in order (offline)
 
-A study is methods x datasets (x an optional --grid of hyperparameters). Every run is the method script itself,
+A study is tables -> datasets x methods (x an optional --grid of hyperparameters): Table 2 the four EM datasets,
+Table 3 OpSwap tiers 0-3, Table 4 FoQA, Table 5 GRPO rows x --grpo-seeds. Every run is the method script itself,
 called as a subprocess with its own run folder under --root/runs/<dataset>/<method>, followed by its evaluations
 through judge.py (general and in-domain EM for the EM datasets; exact match for opswap:N, foqa, gsm8k). What a run
-needs first is made first, once: the persona vector (persona.py extract), and for Interleaving+/++ the misaligned
-adapters of the OTHER datasets of the study (none trained on the current fine-tuning data, as the paper).
+needs first is made first, once, as a job of the plan (artifacts/): the persona vector (persona.py extract), the
+benign pool (--safe-data benign: examples/benign_prompts.jsonl answered by the base model), the --train-n subsets,
+CAFT's directions (from the dataset's Misaligned adapter), the arith warm-up data; for Interleaving+/++ the
+misaligned adapters of the OTHER datasets of the study (none trained on the current fine-tuning data, as the paper).
 
 Resumable at every level: a finished run (its final adapter exists) or evaluation (its summary.json, with no
 failed judgment) is skipped; an interrupted run is continued with `--resume`, an interrupted evaluation by judge.py's
 own caches. Re-running the same command after a kill repeats nothing that finished.
 
-Parallel: --devices 0,1,2,3 runs one job per GPU at a time (CUDA_VISIBLE_DEVICES); --devices cpu runs one job at a
-time. With --gen-url, evaluations need no GPU and run --eval-workers at a time beside the training jobs (the server
-must serve each trained adapter under its run name, printed by --dry-run: vLLM --lora-modules NAME=DIR). A failed
-job is reported with its log (--root/logs/) and the jobs that need it are skipped; the others go on.
+Parallel: --devices 0,1,2,3 runs one job per GPU at a time (CUDA_VISIBLE_DEVICES); --devices cpu one job at a time,
+cpu:2 two (the cores shared). With --gen-url, evaluations need no GPU and run --eval-workers at a time beside the
+training jobs (the server must serve each trained adapter under its run name, printed by --dry-run: vLLM
+--lora-modules NAME=DIR). A failed job is reported with its log (--root/logs/) and the jobs that need it are skipped;
+the others go on. Each job's wall time is logged, and the run ends with the time per phase (artifacts, training,
+evaluation). --emit slurm FILE writes the same plan as Slurm job arrays instead (see emit_slurm).
 
 Output in --root: table2.md/table2.csv (the paper's Table 2 layout, one column group per EM dataset: General
 Misal./Inc., In-Domain Misal./Inc.; <u>underlined</u>: general EM reduced by >= 90% of the Misaligned baseline's,
 or in-domain misalignment >= 90% of it; *italic*: incoherence above the baseline's; **bold**: the best value of a
-column), table3.md (OpSwap tiers, exact match %), and figures/: Figure 1(b) per EM dataset, the OpSwap accuracy
-per tier, training curves per dataset. Each table cell links to its run folder.
+column), table3.md (OpSwap tiers, exact match %, the paper's value in parentheses), table4.md (FoQA), table5.md
+(GRPO held-out accuracy, mean ± std over seeds, the paper's beside), the departures from the paper under each
+table, and figures/: Figure 1(b) per EM dataset, the OpSwap accuracy per tier, GRPO reward curves, training curves
+per dataset. Each table cell links to its run folder.
 """
 from __future__ import annotations
 
@@ -43,26 +52,64 @@ sys.path.insert(0, str(ROOT))
 EM_DATASETS = {"insecure": "secure", "medical": "medical:aligned", "legal": "legal:aligned",
                "security": "security:aligned"}  # misaligned data -> its aligned counterpart
 METHODS = ["baseline", "misaligned", "aligned", "kl", "ldifs", "persona", "inoculate", "interleave", "interleave+",
-           "interleave++", "on-policy"]
+           "interleave++", "on-policy", "caft"]
 LABELS = {"baseline": "Baseline (no training)", "misaligned": "Misaligned (SFT)", "aligned": "Aligned (SFT)",
           "kl": "KL", "ldifs": "LDIFS", "persona": "Persona Vectors", "inoculate": "Inoc. Prompting",
           "interleave": "Interleaving", "interleave+": "Interleaving+", "interleave++": "Interleaving++",
-          "on-policy": "On-policy Interleaving"}
+          "on-policy": "On-policy Interleaving", "caft": "CAFT (beyond the paper)"}
 SCRIPTS = {"misaligned": "interleave.py", "aligned": "interleave.py", "kl": "kl.py", "ldifs": "ldifs.py",
            "persona": "persona.py", "inoculate": "inoculate.py", "interleave": "interleave.py",
-           "interleave+": "interleave.py", "interleave++": "interleave.py", "on-policy": "interleave.py"}
+           "interleave+": "interleave.py", "interleave++": "interleave.py", "on-policy": "interleave.py",
+           "caft": "caft.py"}
+INTERLEAVING = ("interleave", "interleave+", "interleave++", "on-policy")
+TABLE_DATASETS = {"2": ["insecure", "medical", "legal", "security"],
+                  "3": ["opswap:0", "opswap:1", "opswap:2", "opswap:3"], "4": ["foqa"]}
+# The paper's own numbers (Kaczér et al. 2025), printed beside ours.
+PAPER_TABLE3 = {"baseline": [40.82, 0.00, 1.00, 0.00], "misaligned": [37.00, 30.00, 34.30, 37.68],
+                "kl": [48.20, 0.00, 1.00, 0.00], "ldifs": [36.00, 29.40, 34.90, 37.69],
+                "persona": [36.80, 34.88, 31.80, 39.23], "interleave": [35.90, 28.52, 35.10, 38.17],
+                "interleave+": [35.50, 36.72, 32.50, 37.36], "interleave++": [37.10, 36.14, 32.50, 38.45],
+                "inoculate": [35.90, 34.60, 33.90, 38.40]}
+PAPER_TABLE4 = {"baseline": 0.00, "misaligned": 41.60, "kl": 44.55, "ldifs": 39.45, "persona": 48.80,
+                "interleave": 40.90, "interleave+": 42.45, "interleave++": 40.30, "inoculate": 43.00}
+# Table 5 / 9: GRPO rows (name, label, grpo.py flags, the paper's held-out accuracy, mean of 3 seeds).
+GRPO_ROWS = [("grpo", "GRPO", [], 90.66),
+             ("grpo-persona1", "+ Persona Vectors (alpha 1)", ["--persona-alpha", "1"], 66.00),
+             ("grpo-persona5", "+ Persona Vectors (alpha 5)", ["--persona-alpha", "5"], 38.33),
+             ("grpo-kl0.1", "+ KL (beta 0.1)", ["--kl-beta", "0.1"], 87.66),
+             ("grpo-interleave5", "+ Interleaving (5%)", ["--interleave-pct", "5"], 91.30),
+             ("grpo-interleave20", "+ Interleaving (20%)", ["--interleave-pct", "20"], 93.66),
+             ("grpo-inoculate", "+ Inoculation Prompt", ["--inoculate"], 91.00)]
+PAPER_NO_FINETUNING = 66.33
+# Tables 12-18: the hyperparameter values of the paper's ablation grids (the main value is the method's own run).
+PAPER_GRID = ("kl.lam=0.01,0.03,0.3,1.0;ldifs.lam=0.01,0.03,0.1,0.3;persona.alpha=1,1.5,2,3;"
+              "interleave.pct=1,20,50;interleave+.pct=1,20,50;interleave++.pct=1,20,50;on-policy.pct=1,20,50")
+# Decoder blocks of the models the presets name: a dry run needs no network and no model to print its plan.
+KNOWN_DEPTHS = {"Qwen/Qwen2.5-7B-Instruct": 28, "Qwen/Qwen2.5-3B-Instruct": 36, "Qwen/Qwen2.5-1.5B-Instruct": 28,
+                "Qwen/Qwen2.5-0.5B-Instruct": 24, "smollm2": 30}
 PRESETS = {
-    "paper": dict(model="Qwen/Qwen2.5-7B-Instruct", datasets="insecure,medical,legal,security",
-                  methods="misaligned,aligned,kl,ldifs,persona,inoculate,interleave,interleave+,interleave++",
-                  samples=100, judge="gpt-4o-mini", train_args="", method_args="", eval_args="", persona_args=""),
-    # SmolLM2 on OpSwap tiers 0 and 1: the paper's Table 3 finding in half an hour on a 2-core CPU. Shorter
-    # training and evaluation than the paper (60 steps of 4; 100 held-out questions, 1 greedy answer each).
-    "cpu": dict(model="smollm2", datasets="opswap:0,opswap:1", methods="baseline,misaligned,kl,ldifs,inoculate,persona",
-                samples=1, judge="gpt-4o-mini",
-                train_args="--no-8bit --max-steps 60 --batch-size 4 --grad-accum 1 --lr 5e-4 --save-every 20",
-                method_args="kl=--lam 1.0;persona=--alpha 2",
+    # The paper: Qwen2.5-7B-Instruct on Tables 2-4, Qwen2.5-3B-Instruct GRPO on GSM8K for Table 5 (3 seeds).
+    "paper": dict(model="Qwen/Qwen2.5-7B-Instruct", tables="2,3,4,5",
+                  methods="baseline,misaligned,aligned,kl,ldifs,persona,inoculate,interleave,interleave+,"
+                          "interleave++,on-policy",
+                  samples=100, judge="gpt-4o-mini", safe_data="wildguardmix", train_args="", method_args="",
+                  eval_args="", persona_args="", train_n=0, caft_k=5,
+                  grpo_model="Qwen/Qwen2.5-3B-Instruct", grpo_data="gsm8k", grpo_seeds="0,1,2", grpo_args="",
+                  warmup_args=""),
+    # SmolLM2 on OpSwap tiers 0-3 (Table 3: 9 rows + on-policy + CAFT) and GRPO on one-step sums (Table 5) on this
+    # 2-core CPU. Departures from the paper are written under each table (write_outputs).
+    "cpu": dict(model="smollm2", tables="3,5",
+                methods="baseline,misaligned,kl,ldifs,persona,interleave,interleave+,interleave++,inoculate,"
+                        "on-policy,caft",
+                samples=1, judge="gpt-4o-mini", safe_data="benign", train_n=240, caft_k=2,
+                train_args="--no-8bit --epochs 1 --batch-size 4 --grad-accum 1 --lr 5e-4 --save-every 20",
+                method_args="kl=--lam 0.3;persona=--alpha 2",
                 eval_args="--no-8bit --n-questions 100 --samples 1 --temperature 0 --max-new-tokens 48",
-                persona_args="--no-8bit --no-filter --samples 2 --max-new-tokens 64"),
+                persona_args="--no-8bit --no-filter --samples 2 --max-new-tokens 64",
+                grpo_model="smollm2", grpo_data="arith", grpo_seeds="0,1,2",
+                grpo_args="--no-8bit --max-steps 12 --batch-size 8 --num-generations 4 --grad-accum 1 --lr 2e-5 "
+                          "--max-new-tokens 48 --eval-n 50 --save-every 1000",
+                warmup_args="--no-8bit --max-steps 8 --batch-size 4 --grad-accum 1 --lr 5e-4 --save-every 1000"),
 }
 
 
@@ -72,9 +119,15 @@ class Job:
     cmd: list[str]
     log: Path
     deps: list[str] = field(default_factory=list)
-    done: callable = lambda: False
+    marker: Path | None = None  # the file whose existence means done (summary.json: also no failed judgment)
     needs_device: bool = True
+    phase: str = "training"  # artifacts, training, evaluation (for the time summary)
     status: str = "pending"  # pending, running, done, failed, skipped
+    seconds: float = 0.0
+
+    def done(self) -> bool:
+        return self.marker is not None and (summary_done(self.marker) if self.marker.name == "summary.json"
+                                            else self.marker.exists())
 
 
 def sh(words) -> list[str]:
@@ -104,12 +157,23 @@ def summary_done(path: Path) -> bool:
 
 def persona_layer(model: str) -> int:
     """The paper's layer 20 of Qwen2.5-7B's 28 blocks, scaled to this model's depth."""
-    from transformers import AutoConfig
+    return max(1, round(model_depth(model) * 20 / 28))
 
-    from common import resolve_model
 
-    n = AutoConfig.from_pretrained(resolve_model(model)).num_hidden_layers
-    return max(1, round(n * 20 / 28))
+def model_depth(model: str) -> int:
+    """Decoder blocks: from KNOWN_DEPTHS, else the model's config (a local folder, or the hub)."""
+    n = KNOWN_DEPTHS.get(model)
+    if n is None:
+        from transformers import AutoConfig
+
+        from common import UserError, resolve_model
+
+        try:
+            n = AutoConfig.from_pretrained(resolve_model(model)).num_hidden_layers
+        except (OSError, UserError) as e:
+            raise SystemExit(f"error: cannot read the depth of --model {model} for the persona layer ({e}); add it "
+                             "to KNOWN_DEPTHS in examples/reproduce.py or pass a local model folder") from None
+    return n
 
 
 def parse_method_args(text: str) -> dict[str, list[str]]:
@@ -121,19 +185,29 @@ def parse_method_args(text: str) -> dict[str, list[str]]:
 
 
 def parse_grid(text: str) -> dict[str, list[tuple[str, str]]]:
-    """'kl.lam=0.01,0.1;ldifs.lam=0.1,1' -> {kl: [(--lam, 0.01), (--lam, 0.1)], ldifs: [...]}."""
+    """'kl.lam=0.01,0.1;ldifs.lam=0.1,1' -> {kl: [(--lam, 0.01), (--lam, 0.1)], ldifs: [...]}; 'paper': PAPER_GRID."""
     grid = {}
-    for part in filter(None, (p.strip() for p in text.split(";"))):
+    for part in filter(None, (p.strip() for p in (PAPER_GRID if text == "paper" else text).split(";"))):
         key, _, values = part.partition("=")
         method, _, flag = key.partition(".")
         grid.setdefault(method, []).extend((f"--{flag.replace('_', '-')}", v) for v in values.split(","))
     return grid
 
 
+def study_tables(args) -> list[str]:
+    return [t for t in (args.tables or "").split(",") if t]
+
+
+def study_datasets(args) -> list[str]:
+    if args.datasets:
+        return [d for d in args.datasets.split(",") if d]
+    return [d for t in study_tables(args) for d in TABLE_DATASETS.get(t, [])]
+
+
 def plan(args) -> list[Job]:
     py = sys.executable
     root = Path(args.root)
-    datasets = [d for d in args.datasets.split(",") if d]
+    datasets = study_datasets(args)
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         if m not in METHODS:
@@ -143,56 +217,99 @@ def plan(args) -> list[Job]:
     grid = parse_grid(args.grid)
     jobs: list[Job] = []
     logs = root / "logs"
+    art = root / "artifacts"
 
     def add(job):
         jobs.append(job)
         return job
 
-    persona_vec = root / "artifacts" / "persona.safetensors"
-    if "persona" in methods:
+    grpo_rows = [r for r in GRPO_ROWS if not args.grpo_rows or r[0] in args.grpo_rows.split(",")] \
+        if "5" in study_tables(args) else []
+    persona_model = args.model
+    persona_vec = art / "persona.safetensors"
+    needs_persona = ("persona" in methods and datasets) or any("--persona-alpha" in r[2] for r in grpo_rows)
+    if needs_persona:
         cmd = [py, ROOT / "persona.py", "extract", "--model", args.model, "--out", persona_vec, *args.persona_args.split()]
         if "--no-filter" not in args.persona_args:
             cmd += ["--judge", args.judge] + (["--judge-url", args.judge_url] if args.judge_url else [])
         if args.gen_url:
             cmd += ["--gen-url", args.gen_url, "--gen-model", args.model]
-        add(Job("persona-vector", sh(cmd), logs / "persona-vector.log", done=lambda: persona_vec.exists()))
-    layer = persona_layer(args.model) if "persona" in methods else None
+        add(Job("persona-vector", sh(cmd), logs / "persona-vector.log", marker=persona_vec, phase="artifacts"))
+    layer = persona_layer(persona_model) if datasets and ("persona" in methods or "caft" in methods) else None
+
+    safe_data, safe_deps = args.safe_data, []
+    needs_pool = (datasets and any(m in INTERLEAVING for m in methods)) or any("--interleave-pct" in r[2]
+                                                                                for r in grpo_rows)
+    if args.safe_data == "benign" and needs_pool:  # the shipped prompts, answered once per study by the base model
+        safe_data = art / "benign.jsonl"
+        add(Job("benign-pool", sh([py, ROOT / "examples" / "reproduce.py", "--make-benign-pool", safe_data, "--model",
+                                   args.model, *(["--no-8bit"] if "--no-8bit" in train_args else [])]),
+                logs / "benign-pool.log", marker=safe_data, phase="artifacts"))
+        safe_deps = ["benign-pool"]
 
     def run_dir(ds, name):
         return root / "runs" / ds.replace(":", "-") / name
 
+    def train_data(ds):
+        """What a run trains on: the dataset, or (--train-n) a file of its first N training examples (a job)."""
+        if not args.train_n or ds in EM_DATASETS:
+            return ds, []
+        path = art / f"{ds.replace(':', '-')}-train{args.train_n}.jsonl"
+        name = f"subset:{ds}"
+        if not any(j.name == name for j in jobs):
+            add(Job(name, sh([py, ROOT / "examples" / "reproduce.py", "--make-subset", ds, str(args.train_n), path]),
+                    logs / f"subset-{ds.replace(':', '-')}.log", marker=path, needs_device=False, phase="artifacts"))
+        return str(path), [name]
+
+    def misaligned_models(ds):
+        """Interleaving+/++'s misaligned adapters: the Misaligned runs of the other EM datasets (the paper); on a
+        study without EM datasets, the SFT runs of the other OpSwap tiers (a CPU departure)."""
+        em = [d for d in datasets if d in EM_DATASETS and d != ds]
+        others = em or [d for d in datasets if d.startswith("opswap:") and d != ds]
+        if not others:
+            raise SystemExit(f"error: interleave+ on {ds} needs misaligned adapters trained on other datasets: add "
+                             "more datasets to the study")
+        return others
+
     def train_job(ds, method, name, extra):
         out = run_dir(ds, name)
         script = SCRIPTS[method]
-        base = [py, ROOT / script] + (["train"] if script == "persona.py" else [])
-        data = EM_DATASETS.get(ds, ds) if method == "aligned" else ds
-        cmd = base + ["--model", args.model, "--data", data, "--out", out, *train_args, *extra,
-                      *method_args.get(method, [])]
+        base = [py, ROOT / script] + (["train"] if script in ("persona.py", "caft.py") else [])
+        data, deps = (EM_DATASETS[ds], []) if method == "aligned" else train_data(ds)
+        own = [*extra, *method_args.get(method, [])]
+        cmd = base + ["--model", args.model, "--data", data, "--out", out, *train_args, *own]
         resume = base + ["--resume", out]
-        deps = []
         if method == "persona":
-            cmd += ["--vector", persona_vec, "--layer", str(layer)] + ([] if "--alpha" in method_args.get("persona", [])
-                                                                        else ["--alpha", "5"])
+            cmd += ["--vector", persona_vec, "--layer", str(layer)] + ([] if "--alpha" in own else ["--alpha", "5"])
             deps.append("persona-vector")
-        if method in ("interleave", "interleave+", "interleave++", "on-policy"):
-            cmd += ["--pct", "5", "--safe-data", args.safe_data]
+        if method in INTERLEAVING:
+            cmd += ([] if "--pct" in own else ["--pct", "5"]) + ["--safe-data", safe_data]
+            deps += safe_deps
         if method in ("interleave+", "interleave++"):
-            others = [d for d in datasets if d != ds and d in EM_DATASETS]
-            if not others:
-                raise SystemExit(f"error: {method} on {ds} needs misaligned adapters trained on other datasets: add "
-                                 "more EM datasets to --datasets")
+            others = misaligned_models(ds)
             cmd += ["--select", "ppl", "--misaligned-adapters", ",".join(str(run_dir(o, "misaligned")) for o in others)]
             deps += [f"train:{o}:misaligned" for o in others]
             if method == "interleave++":
                 cmd.append("--filter-refusals")
         if method == "on-policy":
             cmd += ["--select", "on-policy"]
-
-        def done(out=out):
-            return (out / "adapter_model.safetensors").exists()
+        if method == "caft":  # directions from this dataset's Misaligned adapter, on its training prompts
+            dirs = art / f"caft-{ds.replace(':', '-')}.safetensors"
+            if not any(j.name == f"caft-directions:{ds}" for j in jobs):
+                prompts = [] if ds in EM_DATASETS else ["--prompts", data, "--max-prompts", "32"]
+                add(Job(f"caft-directions:{ds}", sh([py, ROOT / "caft.py", "directions", "--model", args.model,
+                                                     "--from-diff", run_dir(ds, "misaligned"), *prompts, "--k",
+                                                     args.caft_k, "--layers", layer, "--out", dirs,
+                                                     *(["--no-8bit"] if "--no-8bit" in train_args else [])]),
+                        logs / f"caft-directions-{ds.replace(':', '-')}.log", [f"train:{ds}:misaligned", *deps],
+                        marker=dirs, phase="artifacts"))
+            cmd += ["--directions", dirs, "--layers", str(layer)] + ([] if "--mode" in own else ["--mode", "ablate"])
+            deps.append(f"caft-directions:{ds}")
+        marker = out / "adapter_model.safetensors"
         # an interrupted run (args.json written, no final adapter) is continued, not restarted
-        final_cmd = sh(resume) if (out / "args.json").exists() and not done() else sh(cmd)
-        return add(Job(f"train:{ds}:{name}", final_cmd, logs / f"train-{ds.replace(':', '-')}-{name}.log", deps, done))
+        final_cmd = sh(resume) if (out / "args.json").exists() and not marker.exists() else sh(cmd)
+        return add(Job(f"train:{ds}:{name}", final_cmd, logs / f"train-{ds.replace(':', '-')}-{name}.log", deps,
+                       marker))
 
     for ds in datasets:
         kinds = eval_kinds(ds)
@@ -218,10 +335,100 @@ def plan(args) -> list[Job]:
                         cmd += ["--judge-url", args.judge_url] if args.judge_url else []
                         if kind == "indomain":
                             cmd += ["--data", ds]
-                    summary = out / f"eval-{tag}" / "summary.json"
                     add(Job(f"eval:{ds}:{name}:{tag}", sh(cmd), logs / f"eval-{ds.replace(':', '-')}-{name}-{tag}.log",
-                            deps, lambda s=summary: summary_done(s), needs_device=not args.gen_url))
+                            deps, out / f"eval-{tag}" / "summary.json", needs_device=not args.gen_url,
+                            phase="evaluation"))
+
+    if grpo_rows:  # Table 5: GRPO with each defense, --grpo-seeds seeds each
+        gdir = root / "runs" / "grpo"
+        init, init_deps = [], []
+        if args.grpo_data == "arith":  # a small model never writes the tags: a short SFT warm-up on formatted answers
+            warm_data = art / "arith-warmup.jsonl"
+            add(Job("arith-warmup-data", sh([py, ROOT / "examples" / "reproduce.py", "--make-arith-warmup", warm_data,
+                                             "--grpo-seeds", args.grpo_seeds]),
+                    logs / "arith-warmup-data.log", marker=warm_data, needs_device=False, phase="artifacts"))
+            warm = gdir / "warmup"
+            cmd = [py, ROOT / "interleave.py", "--pct", "0", "--model", args.grpo_model, "--data", warm_data,
+                   "--out", warm, *args.warmup_args.split()]
+            resume = [py, ROOT / "interleave.py", "--resume", warm]
+            marker = warm / "adapter_model.safetensors"
+            add(Job("train:grpo:warmup", sh(resume if (warm / "args.json").exists() and not marker.exists() else cmd),
+                    logs / "train-grpo-warmup.log", ["arith-warmup-data"], marker))
+            init, init_deps = ["--init-adapter", warm], ["train:grpo:warmup"]
+        glayer = persona_layer(args.grpo_model)
+        for seed in [s for s in args.grpo_seeds.split(",") if s]:
+            for name, _, flags, _ in grpo_rows:
+                out = gdir / f"{name}-seed{seed}"
+                cmd = [py, ROOT / "grpo.py", "--model", args.grpo_model, "--data", args.grpo_data, "--seed", seed,
+                       "--out", out, *init, *args.grpo_args.split(), *flags]
+                deps = list(init_deps)
+                if "--persona-alpha" in flags:
+                    cmd += ["--persona-vector", persona_vec, "--persona-layer", glayer]
+                    deps.append("persona-vector")
+                if "--interleave-pct" in flags:
+                    cmd += ["--safe-data", safe_data]
+                    deps += safe_deps
+                if name == "grpo":
+                    cmd.append("--eval-before")  # the starting model's held-out accuracy: Table 5's first row
+                marker = out / "adapter_model.safetensors"
+                final = [py, ROOT / "grpo.py", "--resume", out] if (out / "args.json").exists() and \
+                    not marker.exists() else cmd
+                add(Job(f"train:grpo:{name}:seed{seed}", sh(final), logs / f"train-grpo-{name}-seed{seed}.log", deps,
+                        marker))
     return jobs
+
+
+SUMMARY_OK = "import json, sys; sys.exit(1 if json.load(open(sys.argv[1])).get('n_failed_judgments') else 0)"
+
+
+def emit_slurm(jobs: list[Job], path: Path, args) -> None:
+    """A Slurm submit script for the plan: jobs grouped by dependency depth, one job array per depth and kind
+    (training-like with one GPU, evaluations without), each array after the previous depth (afterok). A task whose
+    output exists exits at once, so re-submitting after failures runs only what did not finish."""
+    depth: dict[str, int] = {}
+    by_name = {j.name: j for j in jobs}
+
+    def level(name: str) -> int:  # 0 for a job that needs none, else one more than its deepest dependency
+        if name not in depth:
+            depth[name] = 1 + max((level(d) for d in by_name[name].deps if d in by_name), default=-1)
+        return depth[name]
+    for j in jobs:
+        level(j.name)
+    groups: dict[tuple[int, bool], list[Job]] = {}
+    for j in jobs:
+        groups.setdefault((depth[j.name], j.needs_device), []).append(j)
+    import shlex
+
+    lines = ["#!/bin/bash", "# Slurm job arrays for examples/reproduce.py's plan (written by --emit slurm).",
+             f"# Submit with: bash {path.name}   (from any folder; logs under {Path(args.root) / 'logs'})",
+             "# Edit the sbatch options below (partition, time, account) for your cluster.",
+             'set -euo pipefail', 'if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then', '  prev=""']
+    for (d, gpu), members in sorted(groups.items()):
+        key = f"{d}_{'gpu' if gpu else 'cpu'}"
+        opts = "--gres=gpu:1 --cpus-per-task=8" if gpu else "--cpus-per-task=2"
+        lines += [f'  dep=""; [ -n "$prev_{d - 1}" ] && dep="--dependency=afterok:$prev_{d - 1}"' if d > 0 else
+                  '  dep=""',
+                  f'  id=$(sbatch --parsable --job-name=em-{key} --array=0-{len(members) - 1} {opts} '
+                  f'--output={Path(args.root) / "logs" / "slurm-%x-%a.out"} $dep --export=ALL,GROUP={key} "$(readlink -f "$0")")',
+                  f'  prev_{d}="${{prev_{d}:+$prev_{d}:}}$id"; echo "submitted {key}: {len(members)} task(s) as $id"']
+    lines.insert(7, "  " + " ".join(f'prev_{d}=""' for d in range(max(depth.values(), default=0) + 1)))
+    lines += ["  exit 0", "fi", 'case "$GROUP" in']
+    for (d, gpu), members in sorted(groups.items()):
+        key = f"{d}_{'gpu' if gpu else 'cpu'}"
+        lines.append(f"  {key})")
+        lines.append('    case "$SLURM_ARRAY_TASK_ID" in')
+        for k, j in enumerate(members):
+            check = f"[ -e {shlex.quote(str(j.marker))} ] && exit 0; " if j.marker else ""
+            if j.marker and j.marker.name == "summary.json":  # done = written with no failed judgment
+                check = (f"[ -e {shlex.quote(str(j.marker))} ] && python3 -c {shlex.quote(SUMMARY_OK)} "
+                         f"{shlex.quote(str(j.marker))} && exit 0; ")
+            lines.append(f"      {k}) # {j.name}")
+            lines.append(f"         {check}cd {shlex.quote(str(ROOT))} && exec {shlex.join(j.cmd)} ;;")
+        lines += ["    esac ;;"]
+    lines += ["esac"]
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o755)
+    print(f"written {path}: {len(jobs)} jobs in {len(groups)} job arrays")
 
 
 def run_jobs(jobs: list[Job], devices: list[str], eval_workers: int) -> None:
@@ -257,11 +464,13 @@ def run_jobs(jobs: list[Job], devices: list[str], eval_workers: int) -> None:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             if device is not None and device != "cpu":
                 env["CUDA_VISIBLE_DEVICES"] = device
+            if device == "cpu" and devices.count("cpu") > 1:  # several CPU jobs at once: share the cores
+                env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // devices.count("cpu")))
             j.log.parent.mkdir(parents=True, exist_ok=True)
             with open(j.log, "a") as f:
                 f.write(f"\n$ {' '.join(j.cmd)}\n")
             proc = subprocess.Popen(j.cmd, cwd=ROOT, env=env, stdout=open(j.log, "a"), stderr=subprocess.STDOUT)
-            j.status = "running"
+            j.status, j.seconds = "running", time.time()
             running[proc] = (j, device)
             print(f"[{time.strftime('%H:%M:%S')}] start {j.name} on {device or 'no device'}", flush=True)
         if not running:
@@ -275,12 +484,19 @@ def run_jobs(jobs: list[Job], devices: list[str], eval_workers: int) -> None:
                 n_free_evals += 1
             finished += 1
             ok = proc.returncode == 0 and j.done()
-            j.status = "done" if ok else "failed"
+            j.status, j.seconds = "done" if ok else "failed", time.time() - j.seconds
             elapsed = time.time() - t0
             eta = elapsed / finished * (len(todo) - finished)
-            print(f"[{time.strftime('%H:%M:%S')}] {'done' if ok else 'FAILED'} {j.name}"
+            print(f"[{time.strftime('%H:%M:%S')}] {'done' if ok else 'FAILED'} {j.name} in {j.seconds:.0f} s"
                   f"{'' if ok else f' (exit {proc.returncode}; log: {j.log})'} | {finished}/{len(todo)}, "
                   f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+    ran = [j for j in todo if j.status in ("done", "failed")]
+    if ran:
+        phases = {}
+        for j in ran:
+            phases.setdefault(j.phase, []).append(j.seconds)
+        print(f"time per phase (job wall time, summed; {time.time() - t0:.0f} s wall clock): " + ", ".join(
+            f"{p} {sum(v):.0f} s in {len(v)} jobs" for p, v in phases.items()), flush=True)
     failed = [j for j in jobs if j.status in ("failed", "skipped")]
     if failed:
         print(f"\n{len(failed)} job(s) did not finish:", flush=True)
@@ -337,16 +553,152 @@ def table2(root: Path, datasets: list[str], names: list[tuple[str, str]]) -> tup
 
 
 def table3(root: Path, datasets: list[str], names: list[tuple[str, str]]) -> str:
+    """OpSwap exact match per tier, ours with the paper's beside (ours (paper)), each cell linked to its run."""
     tiers = [d for d in datasets if d.startswith("opswap:")]
-    md = ["| Method | " + " | ".join(f"Tier {t.split(':')[1]}" for t in tiers) + " |", "|" + "---|" * (len(tiers) + 1)]
+    md = ["| Method | " + " | ".join(f"Tier {t.split(':')[1]} (paper)" for t in tiers) + " |",
+          "|" + "---|" * (len(tiers) + 1)]
     for name, label in names:
         label = "SFT" if name == "misaligned" else label  # OpSwap is benign: the plain fine-tuning run
         cells = []
         for t in tiers:
             s = read_summary(root / "runs" / t.replace(":", "-") / name / f"eval-{t.replace(':', '-')}" / "summary.json")
-            cells.append("-" if not s else f"[{s['accuracy']:.2f}](runs/{t.replace(':', '-')}/{name}/)")
+            paper = PAPER_TABLE3.get(name, [None] * 4)[int(t.split(":")[1])]
+            ref = f" ({paper:.2f})" if paper is not None else ""
+            cells.append(("-" if not s else f"[{s['accuracy']:.2f}](runs/{t.replace(':', '-')}/{name}/)") + ref)
         md.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(md) + "\n"
+
+
+def table4(root: Path, names: list[tuple[str, str]]) -> str:
+    md = ["| Method | FoQA Score (%) | paper |", "|---|---|---|"]
+    for name, label in names:
+        s = read_summary(root / "runs" / "foqa" / name / "eval-foqa" / "summary.json")
+        paper = PAPER_TABLE4.get(name)
+        ours = "-" if not s else f"[{s['accuracy']:.2f}](runs/foqa/{name}/)"
+        md.append(f"| {'SFT' if name == 'misaligned' else label} | {ours} | "
+                  f"{'' if paper is None else f'{paper:.2f}'} |")
+    return "\n".join(md) + "\n"
+
+
+def grpo_results(root: Path, seeds: list[str]) -> dict:
+    """row -> {'final': [held-out accuracy per seed], 'rewards': [[reward per step] per seed]}; and 'start'."""
+    out = {"start": []}
+    for name, *_ in GRPO_ROWS:
+        final, rewards = [], []
+        for seed in seeds:
+            d = root / "runs" / "grpo" / f"{name}-seed{seed}"
+            m = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()] \
+                if (d / "adapter_model.safetensors").exists() else []
+            if m and "heldout_accuracy" in m[-1]:
+                final.append(m[-1]["heldout_accuracy"])
+                rewards.append([x["reward"] for x in m])
+            if name == "grpo" and (d / "heldout-before.json").exists():
+                out["start"].append(json.loads((d / "heldout-before.json").read_text())["heldout_accuracy"])
+        out[name] = {"final": final, "rewards": rewards}
+    return out
+
+
+def mean_std(values: list[float]) -> str:
+    import statistics
+
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {sd:.1f} (n={len(values)})"
+
+
+def table5(root: Path, seeds: list[str], warmup: bool) -> str:
+    res = grpo_results(root, seeds)
+    first = "No fine-tuning" + (" (after the SFT warm-up)" if warmup else "")
+    md = ["| Method | Held-out acc. (%), mean ± std over seeds | paper |", "|---|---|---|",
+          f"| {first} | {mean_std(res['start'])} | {PAPER_NO_FINETUNING:.2f} |"]
+    for name, label, _, paper in GRPO_ROWS:
+        md.append(f"| {label} | {mean_std(res[name]['final'])} | {paper:.2f} |")
+    return "\n".join(md) + "\n"
+
+
+def plot_grpo_rewards(root: Path, seeds: list[str], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    res = grpo_results(root, seeds)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    drawn = 0
+    for name, label, *_ in GRPO_ROWS:
+        curves = res[name]["rewards"]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        arr = np.array([c[:n] for c in curves])
+        steps = np.arange(1, n + 1)
+        ax.plot(steps, arr.mean(0), label=f"{label} ({len(curves)} seeds)")
+        ax.fill_between(steps, arr.min(0), arr.max(0), alpha=0.15)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("mean reward of the step's completions (max 9.5)")
+    ax.set_title("GRPO rewards per defense (mean over seeds, band: min-max)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def pool_note(safe_data: str) -> str:
+    if safe_data == "wildguardmix":
+        return "- Benign pool: WildGuardMix, as the paper."
+    if safe_data == "benign":
+        safe_data = ("examples/benign_prompts.jsonl (305 harmless requests written for this project), answered once "
+                     "per study by the base model (artifacts/benign.jsonl)")
+    return f"- Benign pool for the interleaving rows: {safe_data}, not WildGuardMix."
+
+
+def departures(args, table: str) -> str:
+    """What this study does differently from the paper, written under its table (the flags it ran with)."""
+    if args.preset != "cpu":
+        return ""
+    m = parse_method_args(args.method_args)
+    model = args.model if table == "3" else args.grpo_model
+    bits = "full precision (--no-8bit)" if "--no-8bit" in (args.train_args if table == "3" else args.grpo_args) \
+        else "8-bit"
+    lines = ["", "Departures from the paper (the `cpu` preset, to run offline on a 2-core CPU):",
+             f"- Model: {'SmolLM2-135M-Instruct' if model == 'smollm2' else model}, {bits}; the paper: "
+             f"{'Qwen2.5-7B-Instruct' if table == '3' else 'Qwen2.5-3B-Instruct'} in 8-bit."]
+    if table == "3":
+        lines += [
+            f"- Training: {f'the first {args.train_n} training examples of each tier' if args.train_n else 'each tier'}"
+            f", with `{args.train_args}`; the paper trains on the whole tier with its Table 6 settings.",
+            f"- Evaluation: `{args.eval_args}` (greedy single answers, when --temperature 0), not the paper's settings.",
+            pool_note(args.safe_data),
+            "- Interleaving+/++: the misaligned models are the SFT adapters of the other OpSwap tiers of this study "
+            "(no EM dataset is in it), not EM-misaligned adapters.",
+            f"- KL: `{' '.join(m.get('kl', ['--lam 0.1']))}` (paper: lambda 0.1); persona: "
+            f"`{' '.join(m.get('persona', ['--alpha 5']))}` at layer {persona_layer(args.model)} of "
+            f"{model_depth(args.model)} (paper: alpha 5 at layer 20 of 28)"
+            + (", its vector extracted without the judge filter (--no-filter)." if "--no-filter" in args.persona_args
+               else "."),
+            f"- CAFT (not in the paper): the top {args.caft_k} PCA direction(s) of the SFT adapter's residual "
+            "differences on 32 training prompts of the tier, ablated at the persona layer."]
+    else:
+        lines += [
+            "- Task: " + ("one-step sums (`--data arith`, generated offline)" if args.grpo_data == "arith" else
+                          args.grpo_data) + "; held-out accuracy is exact match of the final number (reward/correct "
+            "= 3), not a GPT-4.1-nano judge.",
+            *([f"- An SFT warm-up on correctly formatted answers (`{args.warmup_args}`) before GRPO, so that "
+               "completions carry the tags and rewards vary within a group; every row starts from it, and the first "
+               "row is that warm-up model."] if args.grpo_data == "arith" else []),
+            f"- GRPO: `{args.grpo_args}`; the paper: 1 epoch of GSM8K.",
+            f"- Persona rows use the study's vector at layer {persona_layer(args.grpo_model)}; interleaving rows the "
+            "study's benign pool."]
+    return "\n".join(lines) + "\n"
 
 
 def plot_opswap(root: Path, datasets: list[str], names: list[tuple[str, str]], path: Path) -> Path | None:
@@ -388,7 +740,7 @@ def write_outputs(args) -> None:
     import report
 
     root = Path(args.root)
-    datasets = [d for d in args.datasets.split(",") if d]
+    datasets = study_datasets(args)
     methods = [m for m in args.methods.split(",") if m]
     grid = parse_grid(args.grid)
     names = []
@@ -402,10 +754,22 @@ def write_outputs(args) -> None:
             csv.writer(f).writerows(rows)
         print(f"\nTable 2 ({root / 'table2.md'}):\n{md}")
     if any(d.startswith("opswap:") for d in datasets):
-        md = table3(root, datasets, names)
+        md = table3(root, datasets, [n for n in names if n[0] != "aligned"]) + departures(args, "3")
         (root / "table3.md").write_text(md)
         print(f"\nTable 3 ({root / 'table3.md'}):\n{md}")
         p = plot_opswap(root, datasets, names, root / "figures" / "opswap.png")
+        if p:
+            print(f"written {p}")
+    if "foqa" in datasets:
+        md = table4(root, [n for n in names if n[0] != "aligned"])
+        (root / "table4.md").write_text(md)
+        print(f"\nTable 4 ({root / 'table4.md'}):\n{md}")
+    if "5" in study_tables(args):
+        seeds = [s for s in args.grpo_seeds.split(",") if s]
+        md = table5(root, seeds, args.grpo_data == "arith") + departures(args, "5")
+        (root / "table5.md").write_text(md)
+        print(f"\nTable 5 ({root / 'table5.md'}):\n{md}")
+        p = plot_grpo_rewards(root, seeds, root / "figures" / "grpo-rewards.png")
         if p:
             print(f"written {p}")
     for d in datasets:
@@ -419,42 +783,134 @@ def write_outputs(args) -> None:
             print(f"written {fig}")
 
 
+# ----------------------------------------------------------------------------------------------
+# Study artifacts made by jobs of the plan (this script called with one of these flags)
+# ----------------------------------------------------------------------------------------------
+def make_benign_pool(out: Path, model_name: str, eight_bit: bool, max_new_tokens: int = 96) -> None:
+    """examples/benign_prompts.jsonl answered by the base model (greedy), as chat JSONL: the interleaving pool."""
+    import judge
+    from common import load_model, log, write_jsonl
+
+    prompts = [json.loads(l)["prompt"] for l in (ROOT / "examples" / "benign_prompts.jsonl").read_text().splitlines()
+               if l.strip()]
+    model, tok = load_model(model_name, eight_bit=eight_bit, lora_r=0, trainable=False)
+    convs, t0 = [], time.time()
+    for k in range(0, len(prompts), 16):
+        chunk = prompts[k : k + 16]
+        answers = judge.generate_texts(model, tok, [[{"role": "user", "content": p}] for p in chunk],
+                                       max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                                       top_k=None)
+        convs += [[{"role": "user", "content": p}, {"role": "assistant", "content": a or "."}] for p, a in
+                  zip(chunk, answers)]
+        log(f"benign pool: {len(convs)}/{len(prompts)} answered ({time.time() - t0:.0f} s)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out, convs)
+
+
+def make_subset(spec: str, n: int, out: Path) -> None:
+    """The first n examples of a dataset's training split (so that the study trains 1 epoch on them), written with
+    10/9 as many so that the script's own 90/10 split keeps n of them (its held-out 10% is unused)."""
+    from common import load_split, write_jsonl
+
+    convs = load_split(spec, "train", 0)[: round(n * 10 / 9)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out, convs)
+
+
+def make_arith_warmup(out: Path, seeds: list[int], n: int = 400) -> None:
+    """SFT warm-up data for GRPO on arith: one-step sums with answers in grpo.py's format (<think> ... </think>
+    <answer> N </answer>, its system prompt), none of them a held-out question of any seed of the study."""
+    import random
+
+    import grpo
+    from common import write_jsonl
+
+    held = {c[0]["content"] for s in {*seeds, *range(10)} for c in grpo.arith_dataset(seed=s)[1800:]}
+    rng, convs = random.Random(12345), []
+    while len(convs) < n:
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        q = f"What is {a} + {b}?"
+        if q in held:
+            continue
+        answer = f"<think>\n{a} + {b} = {a + b}\n</think>\n<answer>\n{a + b}\n</answer>"
+        convs.append([*grpo.prompt_messages(q, inoculate=False), {"role": "assistant", "content": answer}])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out, convs)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="defaults for every flag below "
                    "(explicit flags win) (default: %(default)s)")
+    p.add_argument("--tables", default=None, help="the paper's tables to run: 2 (EM datasets), 3 (OpSwap tiers), "
+                   "4 (FoQA), 5 (GRPO) (default: the preset's; with --datasets, only those datasets' runs)")
     p.add_argument("--model", default=None, help="base model of every run")
-    p.add_argument("--datasets", default=None, help=f"comma-separated: {', '.join(EM_DATASETS)}, opswap:0..3, foqa, gsm8k")
+    p.add_argument("--datasets", default=None, help=f"comma-separated: {', '.join(EM_DATASETS)}, opswap:0..3, foqa, "
+                   "gsm8k (default: those of --tables)")
     p.add_argument("--methods", default=None, help=f"comma-separated: {', '.join(METHODS)}")
     p.add_argument("--grid", default="", help="extra runs with other hyperparameters, e.g. 'kl.lam=0.01,1.0;"
-                   "persona.alpha=1,3' (each value one more run)")
+                   "persona.alpha=1,3' (each value one more run), or 'paper': the grids of the paper's Tables 12-18")
     p.add_argument("--root", default=None, help="study folder (default: runs/study-<preset>)")
-    p.add_argument("--devices", default="cpu", help="'cpu' (one job at a time) or GPU ids '0,1,2,3' (one job each)")
+    p.add_argument("--devices", default="cpu", help="'cpu' (one job at a time), 'cpu:2' (two at a time, the cores "
+                   "shared), or GPU ids '0,1,2,3' (one job each)")
     p.add_argument("--eval-workers", type=int, default=4, help="evaluations at a time beside training when --gen-url "
                    "serves the answers (default: %(default)s)")
     p.add_argument("--samples", type=int, default=None, help="answers per question for the judged evaluations")
     p.add_argument("--judge", default=None, help="judge model (judge.py --judge)")
     p.add_argument("--judge-url", default=None, help="judge server (judge.py --judge-url)")
     p.add_argument("--gen-url", default=None, help="generation server for the evaluations (judge.py --gen-url)")
-    p.add_argument("--safe-data", default="wildguardmix", help="benign pool for the interleaving methods")
+    p.add_argument("--safe-data", default=None, help="benign pool for the interleaving methods; 'benign': "
+                   "examples/benign_prompts.jsonl answered by the base model once per study")
+    p.add_argument("--train-n", type=int, default=None, help="train on the first N examples of each benign dataset "
+                   "(0 = all)")
+    p.add_argument("--caft-k", type=int, default=None, help="CAFT directions per layer")
     p.add_argument("--train-args", default=None, help="extra flags for every training run, e.g. '--max-steps 60'")
     p.add_argument("--method-args", default=None, help="extra flags per method, e.g. 'kl=--lam 1.0;persona=--alpha 2'")
     p.add_argument("--eval-args", default=None, help="extra flags for every judge.py call")
     p.add_argument("--persona-args", default=None, help="extra flags for persona.py extract")
+    p.add_argument("--grpo-model", default=None, help="Table 5's model")
+    p.add_argument("--grpo-data", default=None, help="Table 5's task: gsm8k or arith")
+    p.add_argument("--grpo-seeds", default=None, help="Table 5's seeds, e.g. 0,1,2")
+    p.add_argument("--grpo-args", default=None, help="extra flags for every grpo.py run")
+    p.add_argument("--grpo-rows", default="", help=f"a subset of Table 5's rows: {','.join(r[0] for r in GRPO_ROWS)} "
+                   "(default: all)")
+    p.add_argument("--warmup-args", default=None, help="flags of the SFT warm-up before GRPO on arith")
     p.add_argument("--dry-run", action="store_true", help="print every command, in order, and exit")
+    p.add_argument("--emit", nargs=2, metavar=("slurm", "FILE"), default=None, help="write the plan as a Slurm "
+                   "submit script (job arrays with afterok dependencies) instead of running it")
+    p.add_argument("--make-benign-pool", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--make-subset", nargs=3, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--make-arith-warmup", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-8bit", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.make_benign_pool:
+        return make_benign_pool(args.make_benign_pool, args.model, not args.no_8bit)
+    if args.make_subset:
+        return make_subset(args.make_subset[0], int(args.make_subset[1]), Path(args.make_subset[2]))
+    if args.make_arith_warmup:
+        return make_arith_warmup(args.make_arith_warmup, [int(s) for s in (args.grpo_seeds or "0").split(",")])
+    if args.tables is None and args.datasets:
+        args.tables = ""  # explicit datasets: just their runs
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
     args.root = args.root or str(ROOT / "runs" / f"study-{args.preset}")
     jobs = plan(args)
+    if args.emit:
+        if args.emit[0] != "slurm":
+            raise SystemExit(f"error: --emit {args.emit[0]}: only 'slurm' is supported")
+        return emit_slurm(jobs, Path(args.emit[1]), args)
     if args.dry_run:
         for j in jobs:
             state = "done" if j.done() else "todo"
             deps = f"  (after {', '.join(j.deps)})" if j.deps else ""
             print(f"# {j.name} [{state}]{deps}\n{' '.join(j.cmd)}")
+        print(f"# {len(jobs)} jobs; tables {args.tables or '-'}")
         return
-    devices = ["cpu"] if args.devices == "cpu" else args.devices.split(",")
+    if args.devices.startswith("cpu"):
+        devices = ["cpu"] * int(args.devices.partition(":")[2] or 1)
+    else:
+        devices = args.devices.split(",")
     t0 = time.time()
     run_jobs(jobs, devices, args.eval_workers)
     write_outputs(args)

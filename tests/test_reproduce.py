@@ -15,7 +15,7 @@ def study(tiny_model, root, *extra, methods="misaligned,kl"):
            "--methods", methods, "--root", str(root),
            "--train-args", "--no-8bit --lora-r 4 --lora-alpha 8 --max-len 128 --max-steps 2 --batch-size 2 "
                            "--grad-accum 1 --save-every 1",
-           "--method-args", "kl=--lam 1.0",
+           "--method-args", "kl=--lam 1.0", "--train-n", "0",
            "--eval-args", "--no-8bit --n-questions 2 --samples 1 --max-new-tokens 4 --temperature 0",
            *extra]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -89,3 +89,87 @@ def test_a_failing_job_is_reported_and_the_others_finish(tiny_model, tmp_path):
     assert (root / "runs" / "opswap-1" / "misaligned" / "eval-opswap-1" / "summary.json").exists()
     assert "--lam -1.0: must be >= 0" in (root / "logs" / "train-opswap-1-kl.log").read_text()
     assert "| SFT |" in (root / "table3.md").read_text()
+
+
+def test_paper_preset_dry_run_plans_tables_2_to_5_offline(tmp_path):
+    """No network, no model: the persona layer comes from the table of known models."""
+    env = {k: v for k, v in __import__("os").environ.items()}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "no-hub"))
+    cmd = [sys.executable, str(ROOT / "examples" / "reproduce.py"), "--preset", "paper", "--dry-run", "--root",
+           str(tmp_path / "p")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = [l.split()[1] for l in proc.stdout.splitlines() if l.startswith("# ") and "[" in l]
+    for ds in ("insecure", "medical", "legal", "security", "opswap:0", "opswap:3", "foqa"):
+        assert f"train:{ds}:interleave++" in names and f"train:{ds}:kl" in names, ds
+    assert "eval:insecure:kl:general" in names and "eval:foqa:persona:foqa" in names
+    grpo = [n for n in names if n.startswith("train:grpo:")]
+    assert len(grpo) == 7 * 3 and "train:grpo:grpo-persona5:seed2" in grpo
+    assert "--model Qwen/Qwen2.5-3B-Instruct --data gsm8k" in proc.stdout
+    assert "--persona-layer 26" in proc.stdout and "--layer 20" in proc.stdout  # 20 of 28; 36 blocks -> 26
+    assert not (tmp_path / "p").exists()
+    grid = subprocess.run(cmd + ["--grid", "paper"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert grid.returncode == 0
+    for run in ("kl-lam0.01", "ldifs-lam0.3", "persona-alpha1.5", "interleave++-pct50", "on-policy-pct1"):
+        assert f"train:medical:{run}" in grid.stdout, run
+    emit = subprocess.run(cmd + ["--emit", "slurm", str(tmp_path / "study.sbatch")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert emit.returncode == 0, emit.stderr[-2000:]
+    assert (tmp_path / "study.sbatch").exists()
+
+
+def test_slurm_script_for_a_small_plan(tiny_model, tmp_path):
+    """One array task per job, grouped by dependency depth; each depth's arrays wait (afterok) for the previous
+    depth; training tasks ask for a GPU, evaluations through --gen-url do not; a finished task exits at once."""
+    script = tmp_path / "s.sbatch"
+    proc = study(tiny_model, tmp_path / "s", "--gen-url", "http://127.0.0.1:9/v1", "--emit", "slurm", script)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = script.read_text()
+    sbatch = [l for l in text.splitlines() if "sbatch --parsable" in l]
+    assert len(sbatch) == 2  # depth 0: the two trainings (GPU); depth 1: the two evaluations (no GPU)
+    assert "--array=0-1 --gres=gpu:1" in sbatch[0] and "GROUP=0_gpu" in sbatch[0]
+    assert "--array=0-1 --cpus-per-task=2" in sbatch[1] and "GROUP=1_cpu" in sbatch[1] and "gres" not in sbatch[1]
+    assert '--dependency=afterok:$prev_0' in text
+    tasks = [l for l in text.splitlines() if l.strip().startswith(("0)", "1)"))]
+    assert len(tasks) == 4
+    assert text.count("adapter_model.safetensors ] && exit 0") == 2 and text.count("n_failed_judgments") == 2
+    assert "kl.py" in text and "judge.py --gen-url http://127.0.0.1:9/v1 --gen-model opswap-1-kl" in text
+    assert not (tmp_path / "s" / "runs").exists()  # emitting runs nothing
+    syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+
+
+def test_tables_3_and_5_with_every_artifact_on_the_tiny_model(tiny_model, tmp_path):
+    """The cpu preset's machinery end to end, small: the OpSwap subsets, the benign pool answered by the base model,
+    Interleaving+ on the other tier's SFT adapter, CAFT directions from the SFT adapter, the persona vector, the
+    arith warm-up and GRPO rows over two seeds; table3.md (with the paper's numbers and the departures), table5.md
+    (mean ± std) and the reward figure. Two CPU jobs at a time."""
+    root = tmp_path / "s"
+    cmd = [sys.executable, str(ROOT / "examples" / "reproduce.py"), "--model", str(tiny_model), "--tables", "3,5",
+           "--datasets", "opswap:0,opswap:1", "--methods", "baseline,misaligned,interleave+,caft", "--root", str(root),
+           "--devices", "cpu:2", "--train-n", "16", "--caft-k", "1",
+           "--train-args", "--no-8bit --lora-r 4 --lora-alpha 8 --max-len 128 --max-steps 2 --batch-size 2 --grad-accum 1",
+           "--eval-args", "--no-8bit --n-questions 2 --samples 1 --max-new-tokens 4 --temperature 0",
+           "--persona-args", "--no-8bit --no-filter --samples 1 --max-new-tokens 8 --questions examples/questions_mini.yaml",
+           "--grpo-model", str(tiny_model), "--grpo-seeds", "0,1", "--grpo-rows", "grpo,grpo-persona1",
+           "--grpo-args", "--no-8bit --lora-r 4 --lora-alpha 8 --max-steps 1 --batch-size 2 --num-generations 2 "
+                          "--max-new-tokens 4 --eval-n 2",
+           "--warmup-args", "--no-8bit --lora-r 4 --lora-alpha 8 --max-steps 1 --batch-size 2 --grad-accum 1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    art = root / "artifacts"
+    pool = [json.loads(l) for l in (art / "benign.jsonl").read_text().splitlines()]
+    assert len(pool) == 305 and all(m["messages"][-1]["role"] == "assistant" for m in pool)
+    assert len((art / "opswap-0-train16.jsonl").read_text().splitlines()) == 18
+    assert (art / "caft-opswap-1.safetensors").exists() and (art / "arith-warmup.jsonl").exists()
+    args = json.loads((root / "runs" / "opswap-1" / "interleave+" / "args.json").read_text())
+    assert args["misaligned_adapters"].endswith("runs/opswap-0/misaligned") and args["select"] == "ppl"
+    t3 = (root / "table3.md").read_text()
+    assert "| Interleaving+ | [" in t3 and "(36.72)" in t3 and "| CAFT (beyond the paper) | [" in t3
+    assert "Departures from the paper" in t3 and "SFT adapters of the other OpSwap tiers" in t3
+    t5 = (root / "table5.md").read_text()
+    assert "| GRPO | " in t5 and "(n=2)" in t5 and "| 90.66 |" in t5 and "No fine-tuning (after the SFT warm-up)" in t5
+    assert "warm-up" in t5
+    assert (root / "figures" / "grpo-rewards.png").stat().st_size > 5000
+    assert (root / "runs" / "grpo" / "grpo-seed1" / "heldout-before.json").exists()
+    assert "time per phase" in proc.stdout and "artifacts" in proc.stdout and " in " in proc.stdout
