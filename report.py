@@ -38,7 +38,7 @@ def run_label(run_dir: str | Path) -> str:
     if script is None:
         return d.name
     hp = [k if v is True else f"{k}={Path(v).name if isinstance(v, str) and '/' in v else v}"  # a file: its name
-          for k, v in flags.items() if v not in (None, False, "")]
+          for k, v in flags.items() if v is not None and v is not False and v != ""]  # 0 is a value: shown
     data = str(read_json(d / "args.json").get("data", ""))
     return script + (f" {' '.join(hp)}" if hp else "") + (f" [{Path(data).stem}]" if data else "")
 

@@ -233,6 +233,10 @@ def test_k0_equals_sft_and_project_grad_forward_equals_sft(tiny_model, train_fil
     assert all(m["caft/removed_norm"] > 0 for m in pg + ab)
     flags = json.loads((tmp_path / "ab" / "method.json").read_text())["flags"]
     assert flags["mode"] == "ablate" and flags["layers"] == "1"
+    import report  # judge.py --compare's labels: the method and its flags, read from the run folder
+
+    assert report.run_label(tmp_path / "pg") == "caft directions=dirs.safetensors layers=1 mode=project-grad [train]"
+    assert report.run_label(tmp_path / "k0").startswith("caft directions=dirs.safetensors layers=1,2 k=0")
 
 
 def test_saved_adapter_loads_and_runs_without_hooks(tiny_model, train_file, dirs_file, tmp_path, monkeypatch):
