@@ -107,8 +107,8 @@ PRESETS = {
                 eval_args="--no-8bit --n-questions 100 --samples 1 --temperature 0 --max-new-tokens 48",
                 persona_args="--no-8bit --no-filter --samples 2 --max-new-tokens 64",
                 grpo_model="smollm2", grpo_data="arith", grpo_seeds="0,1,2",
-                grpo_args="--no-8bit --max-steps 12 --batch-size 8 --num-generations 4 --grad-accum 1 --lr 2e-5 "
-                          "--max-new-tokens 48 --eval-n 50 --save-every 1000",
+                grpo_args="--no-8bit --max-steps 8 --batch-size 16 --num-generations 8 --grad-accum 1 --lr 5e-5 "
+                          "--max-new-tokens 32 --eval-n 50 --save-every 1000",
                 warmup_args="--no-8bit --max-steps 8 --batch-size 4 --grad-accum 1 --lr 5e-4 --save-every 1000"),
 }
 
