@@ -109,7 +109,7 @@ PRESETS = {
                 grpo_model="smollm2", grpo_data="arith", grpo_seeds="0,1,2",
                 grpo_args="--no-8bit --max-steps 8 --batch-size 16 --num-generations 8 --grad-accum 1 --lr 5e-5 "
                           "--max-new-tokens 32 --eval-n 50 --save-every 1000",
-                warmup_args="--no-8bit --max-steps 8 --batch-size 4 --grad-accum 1 --lr 5e-4 --save-every 1000"),
+                warmup_args="--no-8bit --max-steps 16 --batch-size 4 --grad-accum 1 --lr 1e-4 --save-every 1000"),
 }
 
 
