@@ -876,6 +876,8 @@ def main():
                    "(default: all)")
     p.add_argument("--warmup-args", default=None, help="flags of the SFT warm-up before GRPO on arith")
     p.add_argument("--dry-run", action="store_true", help="print every command, in order, and exit")
+    p.add_argument("--report", action="store_true", help="write the tables and figures from the runs finished so "
+                   "far (a study still running, or stopped), run nothing")
     p.add_argument("--emit", nargs=2, metavar=("slurm", "FILE"), default=None, help="write the plan as a Slurm "
                    "submit script (job arrays with afterok dependencies) instead of running it")
     p.add_argument("--make-benign-pool", type=Path, default=None, help=argparse.SUPPRESS)
@@ -900,6 +902,10 @@ def main():
         if args.emit[0] != "slurm":
             raise SystemExit(f"error: --emit {args.emit[0]}: only 'slurm' is supported")
         return emit_slurm(jobs, Path(args.emit[1]), args)
+    if args.report:
+        done = sum(j.done() for j in jobs)
+        print(f"{done} of {len(jobs)} jobs done; tables from those", flush=True)
+        return write_outputs(args)
     if args.dry_run:
         for j in jobs:
             state = "done" if j.done() else "todo"

@@ -42,6 +42,19 @@ def test_study_writes_tables_and_figures(finished):
     assert "4 jobs: 0 already done, 4 to run" in proc.stdout
 
 
+def test_report_writes_tables_from_a_partial_study_and_runs_nothing(finished, tiny_model, tmp_path):
+    root = tmp_path / "study"
+    shutil.copytree(finished[0], root)
+    shutil.rmtree(root / "runs" / "opswap-1" / "kl" / "eval-opswap-1")
+    (root / "table3.md").unlink()
+    proc = study(tiny_model, root, "--report")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "3 of 4 jobs done" in proc.stdout and "start " not in proc.stdout
+    t3 = (root / "table3.md").read_text()
+    assert "| SFT | [" in t3 and "| KL | - (0.00) |" in t3
+    assert not (root / "runs" / "opswap-1" / "kl" / "eval-opswap-1").exists()
+
+
 def test_second_invocation_does_nothing_new(finished, tiny_model):
     root, _ = finished
     mtime = (root / "runs" / "opswap-1" / "kl" / "adapter_model.safetensors").stat().st_mtime
