@@ -437,7 +437,11 @@ def run_jobs(jobs: list[Job], devices: list[str], eval_workers: int) -> None:
     for j in jobs:
         if j.done():
             j.status = "done"
-    todo = [j for j in jobs if j.status == "pending"]
+    waiting = {}  # what more jobs wait for starts first (the plan order otherwise): shared adapters early
+    for j in jobs:
+        for d in j.deps:
+            waiting[d] = waiting.get(d, 0) + 1
+    todo = sorted((j for j in jobs if j.status == "pending"), key=lambda j: -min(waiting.get(j.name, 0), 2))
     print(f"{len(jobs)} jobs: {len(jobs) - len(todo)} already done, {len(todo)} to run", flush=True)
     free = list(devices)
     running: dict[subprocess.Popen, tuple[Job, str | None]] = {}
