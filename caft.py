@@ -289,7 +289,11 @@ def directions(args) -> None:
         adapter = args.from_diff or args.from_lora
         from transformers import AutoConfig
 
-        n_blocks = AutoConfig.from_pretrained(resolve_model(args.model)).num_hidden_layers  # --model: the base
+        try:  # --model: the adapter's base model
+            n_blocks = AutoConfig.from_pretrained(resolve_model(args.model)).num_hidden_layers
+        except OSError as e:
+            raise UserError(f"cannot read the config of --model {args.model!r} (the adapter's base model): "
+                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
         layers = parse_layers(args.layers, n_blocks)
         if args.from_lora:
             dirs, explained = lora_residual_directions(adapter, n_blocks, args.k)

@@ -402,7 +402,8 @@ def emit_slurm(jobs: list[Job], path: Path, args) -> None:
     lines = ["#!/bin/bash", "# Slurm job arrays for examples/reproduce.py's plan (written by --emit slurm).",
              f"# Submit with: bash {path.name}   (from any folder; logs under {Path(args.root) / 'logs'})",
              "# Edit the sbatch options below (partition, time, account) for your cluster.",
-             'set -euo pipefail', 'if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then', '  prev=""']
+             'set -euo pipefail', 'if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then',
+             "  " + " ".join(f'prev_{d}=""' for d in range(max(depth.values(), default=0) + 1))]
     for (d, gpu), members in sorted(groups.items()):
         key = f"{d}_{'gpu' if gpu else 'cpu'}"
         opts = "--gres=gpu:1 --cpus-per-task=8" if gpu else "--cpus-per-task=2"
@@ -411,7 +412,6 @@ def emit_slurm(jobs: list[Job], path: Path, args) -> None:
                   f'  id=$(sbatch --parsable --job-name=em-{key} --array=0-{len(members) - 1} {opts} '
                   f'--output={Path(args.root) / "logs" / "slurm-%x-%a.out"} $dep --export=ALL,GROUP={key} "$(readlink -f "$0")")',
                   f'  prev_{d}="${{prev_{d}:+$prev_{d}:}}$id"; echo "submitted {key}: {len(members)} task(s) as $id"']
-    lines.insert(7, "  " + " ".join(f'prev_{d}=""' for d in range(max(depth.values(), default=0) + 1)))
     lines += ["  exit 0", "fi", 'case "$GROUP" in']
     for (d, gpu), members in sorted(groups.items()):
         key = f"{d}_{'gpu' if gpu else 'cpu'}"
