@@ -141,21 +141,28 @@ def adapter_digest(adapter: str, extra: str) -> str:
         return hashlib.sha256(extra.encode() + hashlib.file_digest(f, "sha256").digest()).hexdigest()[:16]
 
 
+def example_digest(conv: list[dict]) -> str:
+    """A candidate's key in the score caches: the hash of its messages, so a score is found again in any pool
+    that holds the same conversation (Interleaving++'s filtered pool reuses Interleaving+'s scores)."""
+    return hashlib.sha256(json.dumps(conv, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def select_by_ppl(args, candidates: list[list[dict]], n: int) -> list[list[dict]]:
     """Interleaving+: score every candidate under the aligned model and each misaligned adapter (cached per
-    model, written as it goes, so an interrupted scoring run resumes), then take the top n by Eq. 6."""
+    model and candidate, written as it goes, so an interrupted scoring run resumes), then take the top n by Eq. 6."""
     adapters = [a for a in args.misaligned_adapters.split(",") if a]
     tok = load_tokenizer(args.model)
     examples = encode_dataset(tok, candidates, args.max_len, "benign candidates")
-    pool_key = hashlib.sha256(json.dumps(candidates, sort_keys=True).encode()).hexdigest()[:16] + f"-len{args.max_len}"
+    hashes = [example_digest(c) for c in candidates]
     names = ["aligned"] + [f"mis{k}" for k in range(len(adapters))]
-    model_tag = f"{args.model}|8bit={not args.no_8bit}"  # 8-bit and full-precision NLLs differ slightly
-    keys = [f"{pool_key}-base-{hashlib.sha256(model_tag.encode()).hexdigest()[:12]}"] + [
-        f"{pool_key}-{adapter_digest(a, model_tag)}" for a in adapters]
+    model_tag = f"{args.model}|8bit={not args.no_8bit}|len{args.max_len}"  # 8-bit and fp32 NLLs differ slightly
+    keys = [f"base-{hashlib.sha256(model_tag.encode()).hexdigest()[:12]}"] + [
+        adapter_digest(a, model_tag) for a in adapters]
     caches = [_score_cache(args.safe_data, k) for k in keys]
-    done = [_read_scores(c) for c in caches]
+    done = [{i: s[h] for i, h in enumerate(hashes) if h in s} for s in map(_read_scores, caches)]
     if any(len(d) < len(examples) for d in done):
-        log(f"perplexity-gap scores: {len(examples)} candidates x {len(names)} models (one-time cost, cached)")
+        todo = sum(len(examples) - len(d) for d in done)
+        log(f"perplexity-gap scores: {len(examples)} candidates x {len(names)} models, {todo} not cached yet")
         model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=0, trainable=False)
         device = get_device()
         from peft import PeftModel
@@ -169,14 +176,14 @@ def select_by_ppl(args, candidates: list[list[dict]], n: int) -> list[list[dict]
         for name, cache, d in zip(names, caches, done):
             if len(d) == len(examples):
                 continue
-            log(f"scoring the pool under {name} -> {cache}")
+            log(f"scoring the pool under {name}: {len(examples) - len(d)} candidates -> {cache}")
             if name != "aligned":
                 model.set_adapter(name)
             # aligned = the base model: every adapter switched off
             weights = model.disable_adapter() if name == "aligned" and adapters else contextlib.nullcontext()
             with open(cache, "a") as f, weights:
                 def append(result):  # partial results reach the disk batch by batch
-                    f.writelines(json.dumps({"i": i, "nll": v}) + "\n" for i, v in result.items())
+                    f.writelines(json.dumps({"h": hashes[i], "nll": v}) + "\n" for i, v in result.items())
                     f.flush()
                 nll = answer_nll(model, examples, args.score_batch_size, tok.pad_token_id, device, d, append)
             d.update(enumerate(nll))
@@ -192,7 +199,7 @@ def select_by_ppl(args, candidates: list[list[dict]], n: int) -> list[list[dict]
 
 
 def _read_scores(path: Path) -> dict:
-    """{index: NLL} from a score cache. A line cut by an interruption is dropped (and the file rewritten
+    """{candidate hash: NLL} from a score cache. A line cut by an interruption is dropped (and the file rewritten
     without it, so that appending goes on at a line start): that score is computed again."""
     if not path.exists():
         return {}
@@ -200,7 +207,7 @@ def _read_scores(path: Path) -> dict:
     for line in path.read_text().splitlines():
         try:
             r = json.loads(line)
-            out[int(r["i"])] = float(r["nll"])
+            out[str(r["h"])] = float(r["nll"])
             whole.append(line)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue

@@ -7,7 +7,7 @@ import torch
 from conftest import read_metrics, run_script
 from safetensors.torch import load_file
 
-from interleave import is_refusal, ppl_gap_scores
+from interleave import example_digest, is_refusal, ppl_gap_scores
 
 TINY = ["--no-8bit", "--lora-r", "4", "--lora-alpha", "8", "--max-len", "256"]
 
@@ -74,18 +74,18 @@ def test_select_ppl_filters_caches_and_takes_the_top(tiny_model, train_file, poo
     assert len(caches) == 3  # aligned + 2 adapters, next to the pool
     safe = [json.loads(l)["messages"] for l in (tmp_path / "a" / "safe_data.jsonl").read_text().splitlines()]
     assert len(safe) == 7 and not any(is_refusal(c[-1]["content"]) for c in safe)  # Interleaving++
-    # the selection is the top 7 by Eq. 6 over the cached NLLs (20 non-refusal candidates)
+    # the selection is the top 7 by Eq. 6 over the cached NLLs (20 non-refusal candidates), keyed by content
+    candidates = [json.loads(l)["messages"] for l in open(pool)]
+    kept = [c for c in candidates if not is_refusal(c[-1]["content"])]
     nll = {}
     for c in caches:
-        rows = [json.loads(l) for l in c.read_text().splitlines()]
-        assert sorted(r["i"] for r in rows) == list(range(20))
-        nll[c] = torch.tensor([r["nll"] for r in sorted(rows, key=lambda r: r["i"])])
+        rows = {r["h"]: r["nll"] for r in map(json.loads, c.read_text().splitlines())}
+        assert len(rows) == 20
+        nll[c] = torch.tensor([rows[example_digest(conv)] for conv in kept])
     aligned_cache = next(c for c in caches if "-base-" in c.name)
     mis = torch.stack([v for c, v in nll.items() if c != aligned_cache])
     scores = ppl_gap_scores(nll[aligned_cache], mis, eps=0.1)
-    candidates = [json.loads(l)["messages"] for l in open(pool)]
-    candidates = [c for c in candidates if not is_refusal(c[-1]["content"])]
-    assert safe == [candidates[i] for i in torch.argsort(scores, descending=True, stable=True)[:7].tolist()]
+    assert safe == [kept[i] for i in torch.argsort(scores, descending=True, stable=True)[:7].tolist()]
     # second run: every score comes from the cache
     second = run_script("interleave.py", *args, "--out", tmp_path / "b")
     assert "scoring the pool under" not in second.stderr
@@ -94,10 +94,20 @@ def test_select_ppl_filters_caches_and_takes_the_top(tiny_model, train_file, poo
     lines = aligned_cache.read_text().splitlines()
     aligned_cache.write_text("\n".join(lines[:10]) + "\n" + lines[10][:7])
     third = run_script("interleave.py", *args, "--out", tmp_path / "c")
-    assert "scoring the pool under aligned" in third.stderr and "under mis0" not in third.stderr
+    assert "scoring the pool under aligned: 10 candidates" in third.stderr and "under mis0" not in third.stderr
     rows = [json.loads(l) for l in aligned_cache.read_text().splitlines()]  # every line whole again
-    assert sorted(r["i"] for r in rows) == list(range(20))  # only the missing 10 were computed, none twice
+    assert sorted(r["h"] for r in rows) == sorted(example_digest(c) for c in kept)  # the missing 10, none twice
     assert (tmp_path / "c" / "safe_data.jsonl").read_text() == (tmp_path / "a" / "safe_data.jsonl").read_text()
+    # Interleaving+ on the whole pool after ++: only the refusing candidates, not scored yet, are computed
+    n_refusals = len(candidates) - len(kept)
+    assert n_refusals > 0
+    plus = [a for a in args if a != "--filter-refusals"]
+    fourth = run_script("interleave.py", *plus, "--out", tmp_path / "d")
+    for name in ("aligned", "mis0", "mis1"):
+        assert f"scoring the pool under {name}: {n_refusals} candidates" in fourth.stderr
+    assert sorted(tmp_path.glob("pool.nll-*.jsonl")) == caches
+    for c in caches:
+        assert len(c.read_text().splitlines()) == len(candidates)
 
 
 def test_select_on_policy_generates_answers(tiny_model, train_file, pool_file, tmp_path):
