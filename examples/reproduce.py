@@ -276,7 +276,10 @@ def plan(args) -> list[Job]:
         script = SCRIPTS[method]
         base = [py, ROOT / script] + (["train"] if script in ("persona.py", "caft.py") else [])
         data, deps = (EM_DATASETS[ds], []) if method == "aligned" else train_data(ds)
-        own = [*extra, *method_args.get(method, [])]
+        # a --grid value replaces the same flag of --method-args (given twice, argparse would keep the last)
+        given = method_args.get(method, [])
+        drop = {k for k, w in enumerate(given) if w in extra[::2]}
+        own = [w for k, w in enumerate(given) if k not in drop and k - 1 not in drop] + list(extra)
         cmd = base + ["--model", args.model, "--data", data, "--out", out, *train_args, *own]
         resume = base + ["--resume", out]
         if method == "persona":

@@ -131,6 +131,22 @@ def test_paper_preset_dry_run_plans_tables_2_to_5_offline(tmp_path):
     assert (tmp_path / "study.sbatch").exists()
 
 
+def test_grid_value_replaces_the_method_args_flag(tmp_path):
+    """The cpu preset runs KL at --lam 0.3 (--method-args); a --grid over lam must train each run at its own value,
+    not at 0.3 given last on the command line."""
+    cmd = [sys.executable, str(ROOT / "examples" / "reproduce.py"), "--preset", "cpu", "--tables", "3", "--dry-run",
+           "--root", str(tmp_path / "s"), "--methods", "kl,persona", "--grid", "kl.lam=0.1,1.0;persona.alpha=5"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    cmd_of = {lines[k].split()[1]: lines[k + 1] for k in range(len(lines) - 1) if lines[k].startswith("# train:")}
+    for name, want in (("kl", "--lam 0.3"), ("kl-lam0.1", "--lam 0.1"), ("kl-lam1.0", "--lam 1.0"),
+                       ("persona", "--alpha 2"), ("persona-alpha5", "--alpha 5")):
+        line = cmd_of[f"train:opswap:2:{name}"]
+        flag = want.split()[0]
+        assert line.count(f"{flag} ") == 1 and want in line, (name, line)
+
+
 def test_slurm_script_for_a_small_plan(tiny_model, tmp_path):
     """One array task per job, grouped by dependency depth; each depth's arrays wait (afterok) for the previous
     depth; training tasks ask for a GPU, evaluations through --gen-url do not; a finished task exits at once."""
