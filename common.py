@@ -178,7 +178,7 @@ def decoder_states(model, batch: dict) -> torch.Tensor:
     """(B, T, H) last hidden states (after the final norm) of a (PEFT-wrapped) causal LM, without its lm_head: apply
     the head (`model.get_output_embeddings()`, or `head_loss` in chunks) only where a loss needs it."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
 
 
 class _HeadLoss(torch.autograd.Function):

@@ -339,6 +339,7 @@ def main():
             seqs_all, attention_all, width, comp_mask_all, texts = rollout(
                 model, tok, [c[0]["content"] for c in questions], args, inoculate=args.inoculate)
         model.train()
+        gen_s = time.time() - t0
         refs = [reference(c) for c in questions for _ in range(args.num_generations)]
         parts_all = [reward_parts(t, r) for t, r in zip(texts, refs)]
         rewards_all = torch.tensor([sum(p.values()) for p in parts_all], device=device)
@@ -391,7 +392,7 @@ def main():
             "step": step + 1, "loss": loss_sum + ce_sum, "loss/grpo": loss_sum, "loss/ce": ce_sum, "kl": kl_sum,
             "reward": sum(parts_sum.values()) / n_comp, **{f"reward/{k}": v / n_comp for k, v in parts_sum.items()},
             "accuracy": 100.0 * n_correct / n_comp, "zero_std_groups": zero_std / n_groups, "lr": lr,
-            "grad_norm": float(grad_norm), "completion_tokens": comp_len / n_comp, "step_time_s": dt,
+            "grad_norm": float(grad_norm), "completion_tokens": comp_len / n_comp, "step_time_s": dt, "generation_s": gen_s,
             "tokens_per_s": comp_len / dt, "peak_mem_mb": peak_memory_mb(),
         }
         flat_steps = flat_steps + 1 if zero_std == n_groups else 0

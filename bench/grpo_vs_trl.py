@@ -5,8 +5,9 @@ Equal lengths: both generate exactly --max-new-tokens tokens per completion (end
 min_new_tokens), so both train on the same number of tokens. Both get the identical PEFT model from
 common.load_model and grpo.py's reward (the four rule-based parts). TRL is pinned to grpo.py's choices: loss
 "grpo" (per-completion mean), group-normalised advantages, beta 0, one update per generation, temperature 0.9,
-top-p 0.9, no gradient checkpointing, no autocast, the same optimizer. TRL keeps its own way of generating:
-one generate call for all micro-batches of a step (grpo.py: one per micro-batch).
+top-p 0.9, no gradient checkpointing, no autocast, the same optimizer. Both make a step's rollouts in one
+generate call for all its micro-batches. The line after the table splits grpo.py's step into generation (its
+metrics' generation_s) and the rest (log-probabilities, loss, backward, optimizer).
 
 Step time is wall clock between the ends of consecutive steps, after the first (warm-up).
 
@@ -131,7 +132,9 @@ def main():
             run_logged([sys.executable, Path(__file__), *shared, "--worker", worker, "--out", out], name)
             rows[name] = after_first(read_metrics(out / "metrics.jsonl"))
             if worker == "ours":
-                rows[name]["completion_len"] = [m["completion_tokens"] for m in read_metrics(out / "metrics.jsonl")]
+                m = read_metrics(out / "metrics.jsonl")
+                rows[name]["completion_len"] = [r["completion_tokens"] for r in m]
+                rows[name]["generation_s"] = sum(r["generation_s"] for r in m[1:]) / max(len(m) - 1, 1)
             else:
                 rows[name]["completion_len"] = json.loads((out / "lengths.json").read_text())
     ours = rows["ours"]
@@ -144,6 +147,8 @@ def main():
         print(f"{name:<16} {r['step_s']:8.2f} {r['step_s'] / ours['step_s']:6.2f}x {r['peak_mem_mb']:8.0f} "
               f"{sum(lens) / max(len(lens), 1):24.1f}")
     print(f"TRL step time / ours: {rows['TRL GRPOTrainer']['step_s'] / ours['step_s']:.2f}x")
+    g = ours["generation_s"]
+    print(f"ours per step: generation {g:.2f} s ({100 * g / ours['step_s']:.0f}%), the rest {ours['step_s'] - g:.2f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
 
