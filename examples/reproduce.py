@@ -17,7 +17,10 @@ misaligned adapters of the OTHER datasets of the study (none trained on the curr
 
 Resumable at every level: a finished run (its final adapter exists) or evaluation (its summary.json, with no
 failed judgment) is skipped; an interrupted run is continued with `--resume`, an interrupted evaluation by judge.py's
-own caches. Re-running the same command after a kill repeats nothing that finished.
+own caches. Re-running the same command after a kill repeats nothing that finished. Each output records the
+command that made it (<output>.cmd, written when its job starts); an output whose command differs from what this
+invocation plans (another lambda, other training flags) stops the study with an error naming the run and the flag,
+rather than being reported or continued as this plan's (--dry-run marks it OTHER SETTINGS).
 
 Parallel: --devices 0,1,2,3 runs one job per GPU at a time (CUDA_VISIBLE_DEVICES); --devices cpu one job at a time,
 cpu:2 two (the cores shared). With --gen-url, evaluations need no GPU and run --eval-workers at a time beside the
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import json
 import os
 import subprocess
@@ -124,6 +128,13 @@ class Job:
     phase: str = "training"  # artifacts, training, evaluation (for the time summary)
     status: str = "pending"  # pending, running, done, failed, skipped
     seconds: float = 0.0
+    planned: list[str] | None = None  # the command that sets the output's settings (cmd may be its --resume)
+    settings: list[str] = field(default_factory=list)  # planned, comparable across folders (see settings_words)
+
+    @property
+    def record(self) -> Path | None:
+        """Next to the output, the settings it was made with: written when the job starts."""
+        return self.marker.with_name(self.marker.name + ".cmd") if self.marker else None
 
     def done(self) -> bool:
         return self.marker is not None and (summary_done(self.marker) if self.marker.name == "summary.json"
@@ -132,6 +143,36 @@ class Job:
 
 def sh(words) -> list[str]:
     return [str(w) for w in words]
+
+
+def settings_words(words: list[str], root: Path) -> list[str]:
+    """A command without its interpreter, the study and repository folders as placeholders: what an output made
+    earlier is checked against (the same study run from another venv or clone still matches)."""
+    return [w.replace(str(root), "<root>").replace(str(ROOT), "<repo>") for w in words[1:]]
+
+
+def settings_conflicts(jobs: list["Job"]) -> tuple[dict[str, str], int]:
+    """Outputs (finished, or a run begun) whose recorded command differs from the plan's: reusing them would report
+    a number for other settings. Returns ({job name: message}, how many outputs have no record to check)."""
+    conflicts, unverified = {}, 0
+    for j in jobs:
+        if j.record is None:
+            continue
+        folder = j.marker.parent  # a run's or an evaluation's own folder (artifacts share theirs: done or not)
+        begun = j.done() or (j.phase != "artifacts" and folder.is_dir() and
+                             any(p.name != j.record.name for p in folder.iterdir()))
+        if not begun:  # nothing made yet (a record left by a job that failed at once is rewritten at its start)
+            continue
+        if not j.record.exists():
+            unverified += 1
+            continue
+        old = json.loads(j.record.read_text())
+        if old != j.settings:  # each differing stretch of words, with the word before it (usually the flag)
+            ops = difflib.SequenceMatcher(a=old, b=j.settings, autojunk=False).get_opcodes()
+            diff = [f"{' '.join(old[max(a0 - 1, 0):a1]) or '-'} -> {' '.join(j.settings[max(b0 - 1, 0):b1])}"
+                    for tag, a0, a1, b0, b1 in ops if tag != "equal"]
+            conflicts[j.name] = f"  {j.name}: {j.marker.parent} was made with other settings ({'; '.join(diff)})"
+    return conflicts, unverified
 
 
 def eval_kinds(dataset: str) -> list[str]:
@@ -220,6 +261,7 @@ def plan(args) -> list[Job]:
     art = root / "artifacts"
 
     def add(job):
+        job.settings = settings_words(job.planned or job.cmd, root)
         jobs.append(job)
         return job
 
@@ -312,7 +354,7 @@ def plan(args) -> list[Job]:
         # an interrupted run (args.json written, no final adapter) is continued, not restarted
         final_cmd = sh(resume) if (out / "args.json").exists() and not marker.exists() else sh(cmd)
         return add(Job(f"train:{ds}:{name}", final_cmd, logs / f"train-{ds.replace(':', '-')}-{name}.log", deps,
-                       marker))
+                       marker, planned=sh(cmd)))
 
     for ds in datasets:
         kinds = eval_kinds(ds)
@@ -356,7 +398,7 @@ def plan(args) -> list[Job]:
             resume = [py, ROOT / "interleave.py", "--resume", warm]
             marker = warm / "adapter_model.safetensors"
             add(Job("train:grpo:warmup", sh(resume if (warm / "args.json").exists() and not marker.exists() else cmd),
-                    logs / "train-grpo-warmup.log", ["arith-warmup-data"], marker))
+                    logs / "train-grpo-warmup.log", ["arith-warmup-data"], marker, planned=sh(cmd)))
             init, init_deps = ["--init-adapter", warm], ["train:grpo:warmup"]
         glayer = persona_layer(args.grpo_model)
         for seed in [s for s in args.grpo_seeds.split(",") if s]:
@@ -377,7 +419,7 @@ def plan(args) -> list[Job]:
                 final = [py, ROOT / "grpo.py", "--resume", out] if (out / "args.json").exists() and \
                     not marker.exists() else cmd
                 add(Job(f"train:grpo:{name}:seed{seed}", sh(final), logs / f"train-grpo-{name}-seed{seed}.log", deps,
-                        marker))
+                        marker, planned=sh(cmd)))
     return jobs
 
 
@@ -474,6 +516,9 @@ def run_jobs(jobs: list[Job], devices: list[str], eval_workers: int) -> None:
             if device == "cpu" and devices.count("cpu") > 1:  # several CPU jobs at once: share the cores
                 env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // devices.count("cpu")))
             j.log.parent.mkdir(parents=True, exist_ok=True)
+            if j.record:
+                j.record.parent.mkdir(parents=True, exist_ok=True)
+                j.record.write_text(json.dumps(j.settings) + "\n")
             with open(j.log, "a") as f:
                 f.write(f"\n$ {' '.join(j.cmd)}\n")
             proc = subprocess.Popen(j.cmd, cwd=ROOT, env=env, stdout=open(j.log, "a"), stderr=subprocess.STDOUT)
@@ -909,13 +954,21 @@ def main():
         if args.emit[0] != "slurm":
             raise SystemExit(f"error: --emit {args.emit[0]}: only 'slurm' is supported")
         return emit_slurm(jobs, Path(args.emit[1]), args)
+    conflicts, unverified = settings_conflicts(jobs)
+    if unverified:
+        print(f"note: {unverified} output(s) in {args.root} have no recorded command (made before commands were "
+              "recorded): their settings are not checked against this plan", flush=True)
+    if conflicts and not args.dry_run:
+        raise SystemExit(f"error: {len(conflicts)} output(s) in {args.root} were made with other settings than this "
+                         "command plans; move them away (they would be reported, or continued, as this plan's) or "
+                         "use another --root:\n" + "\n".join(conflicts.values()))
     if args.report:
         done = sum(j.done() for j in jobs)
         print(f"{done} of {len(jobs)} jobs done; tables from those", flush=True)
         return write_outputs(args)
     if args.dry_run:
         for j in jobs:
-            state = "done" if j.done() else "todo"
+            state = ("done" if j.done() else "todo") + (", OTHER SETTINGS" if j.name in conflicts else "")
             deps = f"  (after {', '.join(j.deps)})" if j.deps else ""
             print(f"# {j.name} [{state}]{deps}\n{' '.join(j.cmd)}")
         print(f"# {len(jobs)} jobs; tables {args.tables or '-'}")

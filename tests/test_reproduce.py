@@ -55,6 +55,22 @@ def test_report_writes_tables_from_a_partial_study_and_runs_nothing(finished, ti
     assert not (root / "runs" / "opswap-1" / "kl" / "eval-opswap-1").exists()
 
 
+def test_outputs_made_with_other_settings_are_an_error(finished, tiny_model, tmp_path):
+    """The same study asked again with KL at another lambda: the finished KL run is not reused (nor reported) as
+    if it had that lambda; the error names the run and the flag. A copy of the study in another folder matches."""
+    root = tmp_path / "moved"
+    shutil.copytree(finished[0], root)
+    assert json.loads((root / "runs" / "opswap-1" / "kl" / "adapter_model.safetensors.cmd").read_text())
+    cmd = [a if a != "kl=--lam 1.0" else "kl=--lam 0.5" for a in study(tiny_model, root, "--dry-run").args]
+    for extra in ([], ["--report"]):
+        proc = subprocess.run(cmd[:-1] + extra, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and "other settings" in proc.stderr, proc.stderr[-2000:]
+        assert "train:opswap:1:kl:" in proc.stderr and "--lam 1.0 -> --lam 0.5" in proc.stderr
+        assert "misaligned" not in proc.stderr.split("error:")[1]  # only the run whose settings differ
+    dry = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0 and "# train:opswap:1:kl [done, OTHER SETTINGS]" in dry.stdout
+
+
 def test_second_invocation_does_nothing_new(finished, tiny_model):
     root, _ = finished
     mtime = (root / "runs" / "opswap-1" / "kl" / "adapter_model.safetensors").stat().st_mtime
