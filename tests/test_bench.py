@@ -79,3 +79,22 @@ def test_gpu_check_runs_on_cpu_and_reports_every_script(tmp_path):
     assert report["generation"]["tokens_per_s"] > 0
     for script in ("interleave.py", "kl.py", "caft.py", "grpo.py", "generation", "check: resume"):
         assert script in proc.stdout
+
+
+def test_study_levers_counts_shared_questions_and_refuses_an_unknown_lever(tmp_path):
+    """The model-free lever: the held-out questions the four OpSwap tiers share, against a direct count."""
+    import json
+    import subprocess
+    import sys
+
+    from common import load_split
+
+    out = tmp_path / "levers.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "study_levers.py"), "--n-questions", "30", "--json", str(out)]
+    proc = subprocess.run(cmd + ["--only", "reuse"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    held = [{c[0]["content"] for c in load_split(f"opswap:{t}", "eval", 0)[:30]} for t in range(4)]
+    assert json.loads(out.read_text()) == {"reuse_shared_questions": len(set.intersection(*held))}
+    assert f"{len(set.intersection(*held))} of 30" in proc.stdout
+    bad = subprocess.run(cmd + ["--only", "reuse,speed"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown ['speed']" in bad.stderr
