@@ -468,7 +468,9 @@ def emit_slurm(jobs: list[Job], path: Path, args) -> None:
                 check = (f"[ -e {shlex.quote(str(j.marker))} ] && python3 -c {shlex.quote(SUMMARY_OK)} "
                          f"{shlex.quote(str(j.marker))} && exit 0; ")
             lines.append(f"      {k}) # {j.name}")
-            lines.append(f"         {check}cd {shlex.quote(str(ROOT))} && exec {shlex.join(j.cmd)} ;;")
+            record = (f"mkdir -p {shlex.quote(str(j.record.parent))} && printf '%s\\n' "
+                      f"{shlex.quote(json.dumps(j.settings))} > {shlex.quote(str(j.record))} && ") if j.record else ""
+            lines.append(f"         {check}{record}cd {shlex.quote(str(ROOT))} && exec {shlex.join(j.cmd)} ;;")
         lines += ["    esac ;;"]
     lines += ["esac"]
     path.write_text("\n".join(lines) + "\n")
@@ -950,10 +952,8 @@ def main():
             setattr(args, k, v)
     args.root = args.root or str(ROOT / "runs" / f"study-{args.preset}")
     jobs = plan(args)
-    if args.emit:
-        if args.emit[0] != "slurm":
-            raise SystemExit(f"error: --emit {args.emit[0]}: only 'slurm' is supported")
-        return emit_slurm(jobs, Path(args.emit[1]), args)
+    if args.emit and args.emit[0] != "slurm":
+        raise SystemExit(f"error: --emit {args.emit[0]}: only 'slurm' is supported")
     conflicts, unverified = settings_conflicts(jobs)
     if unverified:
         print(f"note: {unverified} output(s) in {args.root} have no recorded command (made before commands were "
@@ -962,6 +962,8 @@ def main():
         raise SystemExit(f"error: {len(conflicts)} output(s) in {args.root} were made with other settings than this "
                          "command plans; move them away (they would be reported, or continued, as this plan's) or "
                          "use another --root:\n" + "\n".join(conflicts.values()))
+    if args.emit:  # its tasks skip outputs that exist: checked against the plan above, like a local run's
+        return emit_slurm(jobs, Path(args.emit[1]), args)
     if args.report:
         done = sum(j.done() for j in jobs)
         print(f"{done} of {len(jobs)} jobs done; tables from those", flush=True)

@@ -62,11 +62,12 @@ def test_outputs_made_with_other_settings_are_an_error(finished, tiny_model, tmp
     shutil.copytree(finished[0], root)
     assert json.loads((root / "runs" / "opswap-1" / "kl" / "adapter_model.safetensors.cmd").read_text())
     cmd = [a if a != "kl=--lam 1.0" else "kl=--lam 0.5" for a in study(tiny_model, root, "--dry-run").args]
-    for extra in ([], ["--report"]):
+    for extra in ([], ["--report"], ["--emit", "slurm", str(tmp_path / "s.sbatch")]):
         proc = subprocess.run(cmd[:-1] + extra, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0 and "other settings" in proc.stderr, proc.stderr[-2000:]
         assert "train:opswap:1:kl:" in proc.stderr and "--lam 1.0 -> --lam 0.5" in proc.stderr
         assert "misaligned" not in proc.stderr.split("error:")[1]  # only the run whose settings differ
+    assert not (tmp_path / "s.sbatch").exists()
     dry = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert dry.returncode == 0 and "# train:opswap:1:kl [done, OTHER SETTINGS]" in dry.stdout
 
@@ -182,6 +183,12 @@ def test_slurm_script_for_a_small_plan(tiny_model, tmp_path):
     assert not (tmp_path / "s" / "runs").exists()  # emitting runs nothing
     syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
+    # each task records its command before it runs, as a local run does (the settings check reads it)
+    kl_task = next(l for l in text.splitlines() if "exec" in l and "/kl.py" in l)
+    record_part = kl_task[kl_task.index("mkdir -p"):kl_task.index(" && cd ")]
+    assert subprocess.run(["bash", "-c", record_part], capture_output=True).returncode == 0
+    record = json.loads((tmp_path / "s" / "runs" / "opswap-1" / "kl" / "adapter_model.safetensors.cmd").read_text())
+    assert record[0] == "<repo>/kl.py" and "<root>/runs/opswap-1/kl" in record and "1.0" in record
 
 
 def test_tables_3_and_5_with_every_artifact_on_the_tiny_model(tiny_model, tmp_path):
