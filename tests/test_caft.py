@@ -239,6 +239,24 @@ def test_k0_equals_sft_and_project_grad_forward_equals_sft(tiny_model, train_fil
     assert report.run_label(tmp_path / "k0").startswith("caft directions=dirs.safetensors layers=1,2 k=0")
 
 
+@pytest.mark.parametrize("mode", ["ablate", "project-grad"])
+def test_gradient_checkpointing_changes_neither_losses_nor_removed_norm(mode, tiny_model, train_file, dirs_file,
+                                                                       tmp_path):
+    """Checkpointing re-runs each block's forward in the backward pass: the forward hooks run twice per step, and
+    the logged removed_norm (a root mean square: both its sums double) and the losses must not change."""
+    args = ["caft.py", "train", "--model", tiny_model, "--data", train_file, *TINY, "--max-steps", "3",
+            "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-2", "--directions", dirs_file, "--layers", "1,2",
+            "--mode", mode]
+    run_script(*args, "--out", tmp_path / "plain")
+    run_script(*args, "--gradient-checkpointing", "--out", tmp_path / "gc")
+    plain, gc = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "gc")
+    assert len(plain) == len(gc) == 3
+    for a, b in zip(plain, gc):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["caft/removed_norm"] == pytest.approx(b["caft/removed_norm"], rel=1e-4)
+        assert a["caft/removed_norm"] > 0
+
+
 def test_saved_adapter_loads_and_runs_without_hooks(tiny_model, train_file, dirs_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
     argv = ["caft.py", "train", "--model", str(tiny_model), "--data", str(train_file), *TINY, "--directions",
