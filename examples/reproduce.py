@@ -488,7 +488,7 @@ def run_jobs(jobs: list[Job], devices: list[str], eval_workers: int) -> None:
     for j in jobs:
         for d in j.deps:
             waiting[d] = waiting.get(d, 0) + 1
-    todo = sorted((j for j in jobs if j.status == "pending"), key=lambda j: -min(waiting.get(j.name, 0), 2))
+    todo = sorted((j for j in jobs if j.status == "pending"), key=lambda j: waiting.get(j.name, 0) < 2)
     print(f"{len(jobs)} jobs: {len(jobs) - len(todo)} already done, {len(todo)} to run", flush=True)
     free = list(devices)
     running: dict[subprocess.Popen, tuple[Job, str | None]] = {}

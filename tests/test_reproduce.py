@@ -225,3 +225,26 @@ def test_tables_3_and_5_with_every_artifact_on_the_tiny_model(tiny_model, tmp_pa
     assert (root / "figures" / "grpo-rewards.png").stat().st_size > 5000
     assert (root / "runs" / "grpo" / "grpo-seed1" / "heldout-before.json").exists()
     assert "time per phase" in proc.stdout and "artifacts" in proc.stdout and " in " in proc.stdout
+
+
+def test_run_order_shared_jobs_first_then_each_evaluation_after_its_run(tmp_path, capsys):
+    """One job at a time: a job that two or more others wait for starts first; otherwise the plan's order, so an
+    evaluation starts as soon as its run is done (a study stopped early has finished rows, not only adapters)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "examples" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = reproduce  # its dataclass looks itself up there
+    spec.loader.exec_module(reproduce)
+
+    def job(name, deps=()):
+        marker = tmp_path / f"{name}.done"
+        return reproduce.Job(name, [sys.executable, "-c", f"open({str(marker)!r}, 'w')"], tmp_path / f"{name}.log",
+                             list(deps), marker)
+
+    jobs = [job("train-a"), job("eval-a", ["train-a"]), job("train-b"), job("eval-b", ["train-b"]),
+            job("shared"), job("c1", ["shared"]), job("c2", ["shared"])]
+    reproduce.run_jobs(jobs, ["cpu"], eval_workers=0)
+    started = [l.split("start ")[1].split()[0] for l in capsys.readouterr().out.splitlines() if " start " in l]
+    assert started == ["shared", "train-a", "eval-a", "train-b", "eval-b", "c1", "c2"]
+    assert all(j.status == "done" for j in jobs)
