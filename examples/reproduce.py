@@ -108,7 +108,7 @@ PRESETS = {
                 samples=1, judge="gpt-4o-mini", safe_data="benign", train_n=240, caft_k=2,
                 train_args="--no-8bit --epochs 1 --batch-size 4 --grad-accum 1 --lr 5e-4 --save-every 20",
                 method_args="kl=--lam 0.3;persona=--alpha 2",
-                eval_args="--no-8bit --n-questions 100 --samples 1 --temperature 0 --max-new-tokens 48",
+                eval_args="--no-8bit --n-questions 100 --samples 1 --temperature 0 --max-new-tokens 48 --gen-batch-size 64",
                 persona_args="--no-8bit --no-filter --samples 2 --max-new-tokens 64",
                 grpo_model="smollm2", grpo_data="arith", grpo_seeds="0,1,2",
                 grpo_args="--no-8bit --max-steps 8 --batch-size 16 --num-generations 8 --grad-accum 1 --lr 5e-5 "
