@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import common
@@ -49,5 +50,16 @@ def path() -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.replace(out)
+    return publish(tmp, out)
+
+
+def publish(tmp: Path, out: Path) -> Path:
+    """Rename the finished temp folder to out. Two processes converting at once (a study's first jobs) both get
+    here: the second finds out already made by the first, keeps it and removes its own copy."""
+    try:
+        tmp.replace(out)
+    except OSError:
+        if not (out / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

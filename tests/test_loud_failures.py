@@ -174,3 +174,25 @@ def test_npo_quick_command_runs_and_small_n_is_flagged(tiny_model, tmp_path):
     assert proc.stderr.count("answers before") <= 3  # one progress line per phase, not one per domain
     res = json.loads((out / "npo_eval.json").read_text())
     assert set(res["domains"]) == set(json.loads(l)["domain"] for l in open(ROOT / "examples" / "rai_refusals.jsonl"))
+
+
+def test_two_processes_converting_smollm2_at_once_both_get_the_folder(tmp_path):
+    """A study's first jobs convert the bundled GGUF at the same time: the second rename finds the folder made by
+    the first; it must use that folder and drop its own copy, not fail (a real failure of persona-vector)."""
+    import smollm2
+
+    out = tmp_path / "smollm2-135m-instruct"
+    first, second = tmp_path / "a.tmp1", tmp_path / "a.tmp2"
+    for d, tag in ((first, "first"), (second, "second")):
+        d.mkdir()
+        (d / "config.json").write_text(tag)
+    assert smollm2.publish(first, out) == out
+    assert smollm2.publish(second, out) == out  # out exists and is not empty: rename fails, the first copy stays
+    assert (out / "config.json").read_text() == "first" and not second.exists() and not first.exists()
+    third = tmp_path / "a.tmp3"
+    third.mkdir()
+    (third / "config.json").write_text("third")
+    shutil.rmtree(out)
+    (out / "sub").mkdir(parents=True)  # an out folder without config.json is not a finished conversion: loud
+    with pytest.raises(OSError):
+        smollm2.publish(third, out)
