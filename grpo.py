@@ -12,7 +12,7 @@ For every prompt, G completions are sampled; each gets a rule-based reward r (fo
 One optimisation pass per batch of rollouts, so p_old = p_theta at sampling time (rho = 1, the clip is inactive
 but kept for generality). Defenses: --persona-vector/--persona-alpha (steering hook on during rollouts and
 training passes), --kl-beta, --interleave-pct (SFT micro-batches of benign data between RL micro-batches at that
-rate), --inoculate (the inoculation prompt prepended to the system prompt during training).
+rate: the nearest whole count, evenly spread; a run too short for one is an error), --inoculate (the inoculation prompt prepended to the system prompt during training).
 
 Deviations from the paper:
 1. Rewards are rule-based (regex) with the paper's ranges; the paper asked an LLM judge for them.
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import random
 import re
 import time
@@ -185,6 +186,13 @@ def load_problems(spec: str, seed: int, n_train: int) -> tuple[list, list]:
     return train, held
 
 
+def sft_after(k: int, pct: float) -> bool:
+    """Whether an SFT micro-batch follows RL micro-batch k (0-based) at --interleave-pct pct: micro-batches
+    0..n-1 get round(n * pct / 100) of them, evenly spread (rounded to the nearest count, not down: 5% of 16
+    micro-batches is 1, where rounding down gave 0 and so a run that was plain GRPO under an interleaving label)."""
+    return math.floor((k + 1) * pct / 100 + 0.5) > math.floor(k * pct / 100 + 0.5)
+
+
 def prompt_messages(question: str, inoculate: bool) -> list[dict]:
     system = (INOCULATION_PROMPT + " " + SYSTEM_PROMPT) if inoculate else SYSTEM_PROMPT
     return [{"role": "system", "content": system}, {"role": "user", "content": question}]
@@ -310,8 +318,14 @@ def main():
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * per_epoch
     order = [i for e in range(total_steps // max(per_epoch, 1) + 1)
              for i in np.random.default_rng([args.seed, e]).permutation(len(train))]
+    if safe and not any(sft_after(k, args.interleave_pct) for k in range(total_steps * args.grad_accum)):
+        raise UserError(f"--interleave-pct {args.interleave_pct:g}: {total_steps} steps x {args.grad_accum} micro-batches "
+                        "leave room for no SFT micro-batch, so this run would be plain GRPO; raise --max-steps or "
+                        f"--grad-accum, or the rate to at least {50 / (total_steps * args.grad_accum):.3g}%")
     log(f"{total_steps} steps x {args.grad_accum} micro-batches of {per_micro} prompt(s) x {args.num_generations} "
-        f"completions; {len(held)} held-out questions")
+        f"completions; {len(held)} held-out questions"
+        + (f"; {sum(sft_after(k, args.interleave_pct) for k in range(total_steps * args.grad_accum))} SFT "
+           "micro-batches of benign data between them" if safe else ""))
 
     model.train()
     params = trainable_parameters(model)
@@ -373,7 +387,7 @@ def main():
             n_groups += groups.shape[0]
             comp_len += int(comp_mask.sum())
             # --- interleaving: an SFT micro-batch of benign data after this RL micro-batch, at the set rate ---
-            if safe and int((k + 1) * args.interleave_pct / 100) > int(k * args.interleave_pct / 100):
+            if safe and sft_after(k, args.interleave_pct):
                 idx = sft_rng.choice(len(safe), size=min(args.batch_size, len(safe)), replace=False)
                 batch = collate([safe[i] for i in idx], tok.pad_token_id, device)
                 hidden = decoder_states(model, batch)[:, :-1]  # lm_head only at the loss positions, in chunks

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import read_metrics, run_script
 
-from grpo import group_advantages, grpo_loss, reward_parts, trim_padding
+from grpo import group_advantages, grpo_loss, reward_parts, sft_after, trim_padding
 
 TINY = ["--no-8bit", "--lora-r", "4", "--lora-alpha", "8", "--max-len", "256"]
 PERFECT = "<think>\n2 + 2 = 4\n</think>\n<answer>\n4\n</answer>"
@@ -119,6 +119,24 @@ def test_two_steps_with_each_defense(defense, tiny_model, pool_file, tmp_path):
         assert all(x["loss/ce"] > 0 for x in m)  # 50%: one SFT micro-batch per two RL micro-batches
     else:
         assert all(x["loss/ce"] == 0 for x in m)
+
+
+@pytest.mark.parametrize("n,pct", [(16, 5), (16, 20), (16, 50), (100, 5), (7, 30), (40, 12.5), (3, 100)])
+def test_interleaving_schedule_gives_the_nearest_count_evenly_spread(n, pct):
+    after = [k for k in range(n) if sft_after(k, pct)]
+    assert len(after) == math.floor(n * pct / 100 + 0.5)  # the nearest count: 5% of 16 is 1, not 0
+    gaps = [b - a for a, b in zip(after, after[1:])]
+    assert not gaps or max(gaps) - min(gaps) <= 1  # evenly spread
+
+
+def test_interleaving_too_rare_for_the_run_is_an_error(tiny_model, pool_file, tmp_path):
+    # 5% of 4 micro-batches rounds to 0 SFT micro-batches: the run would be plain GRPO under an interleaving label
+    proc = run_script("grpo.py", "--model", tiny_model, "--data", "arith", *TINY, "--max-steps", "2", "--batch-size",
+                      "4", "--num-generations", "2", "--grad-accum", "2", "--max-new-tokens", "8", "--eval-n", "4",
+                      "--interleave-pct", "5", "--safe-data", pool_file, "--out", tmp_path / "run", check=False)
+    assert proc.returncode != 0 and "--interleave-pct 5" in proc.stderr and "plain GRPO" in proc.stderr
+    assert "at least 12.5%" in proc.stderr  # the smallest rate that gives one: 50 / 4 micro-batches
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_trim_padding_keeps_every_real_token():
