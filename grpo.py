@@ -12,7 +12,8 @@ For every prompt, G completions are sampled; each gets a rule-based reward r (fo
 One optimisation pass per batch of rollouts, so p_old = p_theta at sampling time (rho = 1, the clip is inactive
 but kept for generality). Defenses: --persona-vector/--persona-alpha (steering hook on during rollouts and
 training passes), --kl-beta, --interleave-pct (SFT micro-batches of benign data between RL micro-batches at that
-rate: the nearest whole count, evenly spread; a run too short for one is an error), --inoculate (the inoculation prompt prepended to the system prompt during training).
+rate: the nearest whole count, evenly spread; a run too short for one is an error), --inoculate (the inoculation
+prompt prepended to the system prompt during training).
 
 Deviations from the paper:
 1. Rewards are rule-based (regex) with the paper's ranges; the paper asked an LLM judge for them.
