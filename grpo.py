@@ -300,6 +300,14 @@ def main():
     device = get_device()
     train, held = load_problems(args.data, args.seed, args.n_train)
     held = held[: args.eval_n]
+    per_micro = args.batch_size // args.num_generations
+    per_epoch = len(train) // (per_micro * args.grad_accum)
+    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * per_epoch
+    n_sft = sum(sft_after(k, args.interleave_pct) for k in range(total_steps * args.grad_accum))
+    if args.interleave_pct > 0 and not n_sft:  # checked before the model loads
+        raise UserError(f"--interleave-pct {args.interleave_pct:g}: {total_steps} steps x {args.grad_accum} micro-batches "
+                        "leave room for no SFT micro-batch, so this run would be plain GRPO; raise --max-steps or "
+                        f"--grad-accum, or the rate to at least {50 / (total_steps * args.grad_accum):.3g}%")
     model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                             adapter=args.init_adapter, trainable=True,
                             gradient_checkpointing=args.gradient_checkpointing)
@@ -314,19 +322,11 @@ def main():
     def steered():  # the persona hook, on for rollouts and training forward passes (as in the paper)
         return steering(model, *steer) if steer else contextlib.nullcontext()
 
-    per_micro = args.batch_size // args.num_generations
-    per_epoch = len(train) // (per_micro * args.grad_accum)
-    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * per_epoch
     order = [i for e in range(total_steps // max(per_epoch, 1) + 1)
              for i in np.random.default_rng([args.seed, e]).permutation(len(train))]
-    if safe and not any(sft_after(k, args.interleave_pct) for k in range(total_steps * args.grad_accum)):
-        raise UserError(f"--interleave-pct {args.interleave_pct:g}: {total_steps} steps x {args.grad_accum} micro-batches "
-                        "leave room for no SFT micro-batch, so this run would be plain GRPO; raise --max-steps or "
-                        f"--grad-accum, or the rate to at least {50 / (total_steps * args.grad_accum):.3g}%")
     log(f"{total_steps} steps x {args.grad_accum} micro-batches of {per_micro} prompt(s) x {args.num_generations} "
         f"completions; {len(held)} held-out questions"
-        + (f"; {sum(sft_after(k, args.interleave_pct) for k in range(total_steps * args.grad_accum))} SFT "
-           "micro-batches of benign data between them" if safe else ""))
+        + (f"; {n_sft} SFT micro-batches of benign data between them" if n_sft else ""))
 
     model.train()
     params = trainable_parameters(model)

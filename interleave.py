@@ -352,6 +352,9 @@ def main():
 
     fine_convs = load_split(args.data, "train", args.seed)
     n_safe = int(round(args.pct / 100 * len(fine_convs)))
+    if args.pct > 0 and not n_safe:  # would train plain SFT under an interleaving label
+        raise UserError(f"--pct {args.pct} of {len(fine_convs)} fine-tuning examples is 0 benign examples, so this run "
+                        f"would be plain SFT: raise --pct to at least {50 / len(fine_convs):.3g} or use more data")
     safe_convs = []
     if n_safe and args.select == "ppl":  # scoring loads its own models, before the training model
         safe_convs = build_safe_data(args, run, None, None, n_safe)

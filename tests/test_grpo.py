@@ -121,10 +121,11 @@ def test_two_steps_with_each_defense(defense, tiny_model, pool_file, tmp_path):
         assert all(x["loss/ce"] == 0 for x in m)
 
 
-@pytest.mark.parametrize("n,pct", [(16, 5), (16, 20), (16, 50), (100, 5), (7, 30), (40, 12.5), (3, 100)])
-def test_interleaving_schedule_gives_the_nearest_count_evenly_spread(n, pct):
+@pytest.mark.parametrize("n,pct,count", [(16, 5, 1), (16, 20, 3), (16, 50, 8), (100, 5, 5), (7, 30, 2), (40, 12.5, 5),
+                                         (3, 100, 3), (8, 5, 0)])
+def test_interleaving_schedule_gives_the_nearest_count_evenly_spread(n, pct, count):
     after = [k for k in range(n) if sft_after(k, pct)]
-    assert len(after) == math.floor(n * pct / 100 + 0.5)  # the nearest count: 5% of 16 is 1, not 0
+    assert len(after) == count  # the nearest count: 5% of 16 is 1, not 0; 5% of 8 (0.4) is 0
     gaps = [b - a for a, b in zip(after, after[1:])]
     assert not gaps or max(gaps) - min(gaps) <= 1  # evenly spread
 

@@ -166,7 +166,7 @@ def test_resume_equals_uninterrupted(tiny_model, train_file, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["broken-json", "no-assistant", "empty", "unknown-name", "ppl-no-adapters", "bad-pct",
-                                  "ppl-pct-0", "filter-pct-0", "on-policy-pct-0"])
+                                  "ppl-pct-0", "filter-pct-0", "on-policy-pct-0", "pct-rounds-to-0"])
 def test_bad_inputs_give_clear_errors(tiny_model, tmp_path, case):
     data = tmp_path / "data.jsonl"
     good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
@@ -198,6 +198,9 @@ def test_bad_inputs_give_clear_errors(tiny_model, tmp_path, case):
     elif case == "on-policy-pct-0":
         data.write_text(good + "\n")
         extra, expect = ["--select", "on-policy", "--pct", "0"], "--select on-policy with --pct 0"
+    elif case == "pct-rounds-to-0":  # 5% of a few examples rounds to no benign example: plain SFT, mislabelled
+        data.write_text((good + "\n") * 4)
+        extra, expect = ["--pct", "5"], "fine-tuning examples is 0 benign examples, so this run would be plain SFT"
     proc = run_script("interleave.py", "--model", tiny_model, "--data", data, "--out", tmp_path / "o", *TINY, *extra,
                       check=False)
     assert proc.returncode == 2
