@@ -10,7 +10,8 @@ For every prompt, G completions are sampled; each gets a rule-based reward r (fo
     L = -(1/G) sum_i (1/|o_i|) sum_t [ min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i) - beta * KL_it ]
     rho_it = p_theta(o_it) / p_old(o_it);  KL_it = exp(ref - logp) - (ref - logp) - 1   (k3, ref = adapter off)
 One optimisation pass per batch of rollouts, so p_old = p_theta at sampling time (rho = 1, the clip is inactive
-but kept for generality). Defenses: --persona-vector/--persona-alpha (steering hook on during rollouts and
+but kept for generality); for that, rollouts run in eval mode except bitsandbytes' 8-bit layers, whose CPU eval mode is
+another matmul (`sampling_mode`). Defenses: --persona-vector/--persona-alpha (steering hook on during rollouts and
 training passes), --kl-beta, --interleave-pct (SFT micro-batches of benign data between RL micro-batches at that
 rate: the nearest whole count, evenly spread; a run too short for one is an error), --inoculate (the inoculation
 prompt prepended to the system prompt during training).
@@ -202,6 +203,23 @@ def prompt_messages(question: str, inoculate: bool) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # Rollouts and evaluation
 # ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def sampling_mode(model):
+    """Eval mode for rollouts and held-out accuracy, except bitsandbytes' 8-bit linear layers, which stay in
+    training mode: on the CPU they pick their matmul by `module.training` (dequantised bf16 weights when training,
+    int8-quantised activations in eval; SmolLM2's logits differ by up to 5.6 between the two), so a plain eval() would
+    sample from another function than the one the update differentiates and rho = 1 would not hold. On CUDA both
+    modes run the same int8 matmul; with frozen int8 weights the flag changes nothing else (no dropout: LoRA's is 0)."""
+    model.eval()
+    for module in model.modules():
+        if type(module).__name__ == "Linear8bitLt":  # by name: bitsandbytes is not imported for unquantised models
+            module.train()
+    try:
+        yield
+    finally:
+        model.train()
+
+
 @torch.no_grad()
 def rollout(model, tok, questions: list[str], args, inoculate: bool, greedy: bool = False):
     """num_generations completions per question in one batched generate call (left padding, KV cache).
@@ -235,15 +253,14 @@ def trim_padding(seqs, attention, n_prompt: int, comp_mask):
 
 @torch.no_grad()
 def heldout_accuracy(model, tok, held: list, args) -> float:
-    model.eval()
     correct = 0
     progress = Progress(len(held), 0, "held-out questions")
-    for k in range(0, len(held), args.gen_batch_size):
-        chunk = held[k : k + args.gen_batch_size]
-        *_, texts = rollout(model, tok, [c[0]["content"] for c in chunk], args, inoculate=False, greedy=True)
-        correct += sum(reward_parts(t, reference(c))["correct"] == 3.0 for t, c in zip(texts, chunk))
-        progress.update(k + len(chunk), f"accuracy so far {100.0 * correct / (k + len(chunk)):.1f}%")
-    model.train()
+    with sampling_mode(model):
+        for k in range(0, len(held), args.gen_batch_size):
+            chunk = held[k : k + args.gen_batch_size]
+            *_, texts = rollout(model, tok, [c[0]["content"] for c in chunk], args, inoculate=False, greedy=True)
+            correct += sum(reward_parts(t, reference(c))["correct"] == 3.0 for t, c in zip(texts, chunk))
+            progress.update(k + len(chunk), f"accuracy so far {100.0 * correct / (k + len(chunk)):.1f}%")
     return 100.0 * correct / max(len(held), 1)
 
 
@@ -349,11 +366,9 @@ def main():
         # the update micro-batch by micro-batch.
         first = step * args.grad_accum * per_micro
         questions = [train[i] for i in order[first : first + args.grad_accum * per_micro]]
-        model.eval()
-        with steered():
+        with sampling_mode(model), steered():
             seqs_all, attention_all, width, comp_mask_all, texts = rollout(
                 model, tok, [c[0]["content"] for c in questions], args, inoculate=args.inoculate)
-        model.train()
         gen_s = time.time() - t0
         refs = [reference(c) for c in questions for _ in range(args.num_generations)]
         parts_all = [reward_parts(t, r) for t, r in zip(texts, refs)]

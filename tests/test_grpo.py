@@ -168,3 +168,25 @@ def test_zero_reward_spread_is_reported_loudly(tiny_model, tmp_path):
     assert warned == any(a and b for a, b in zip(flat, flat[1:])), (flat, proc.stderr[-1500:])
     assert flat[0] and flat[1]  # the case this test is about: this seed gives two flat steps
     assert proc.stderr.count("GRPO cannot learn") == 1  # once, not every step
+
+
+def test_sampling_mode_samples_from_the_trained_function_on_8bit(tiny_model):
+    """bitsandbytes' CPU 8-bit layers compute another function in eval mode (int8 activations) than in training mode
+    (dequantised weights): rollouts in sampling_mode must give the logits of the training pass exactly (rho = 1), and
+    a plain eval() must not (else this test could not fail)."""
+    from common import load_model
+    from grpo import sampling_mode
+
+    model, tok = load_model(str(tiny_model), eight_bit=True, lora_r=4, lora_alpha=8)
+    ids = tok("def add(a, b): return a + b  # insecure code example 0123456789", return_tensors="pt")
+    model.train()
+    with torch.no_grad():
+        trained = model(**ids).logits
+        with sampling_mode(model):
+            assert not model.training
+            sampled = model(**ids).logits
+        assert model.training  # back in training mode afterwards
+        model.eval()
+        plain_eval = model(**ids).logits
+    assert torch.equal(sampled, trained)
+    assert (plain_eval - trained).abs().max() > 1e-3
