@@ -11,10 +11,12 @@ For every prompt, G completions are sampled; each gets a rule-based reward r (fo
     rho_it = p_theta(o_it) / p_old(o_it);  KL_it = exp(ref - logp) - (ref - logp) - 1   (k3, ref = adapter off)
 One optimisation pass per batch of rollouts, so p_old = p_theta at sampling time (rho = 1, the clip is inactive
 but kept for generality); for that, rollouts run in eval mode except bitsandbytes' 8-bit layers, whose CPU eval mode is
-another matmul (`sampling_mode`). Defenses: --persona-vector/--persona-alpha (steering hook on during rollouts and
-training passes), --kl-beta, --interleave-pct (SFT micro-batches of benign data between RL micro-batches at that
-rate: the nearest whole count, evenly spread; a run too short for one is an error), --inoculate (the inoculation
-prompt prepended to the system prompt during training).
+another matmul (`sampling_mode`). A prompt's G completions share its forward pass, in the rollout's prefill and in
+the update (`rollout`, `token_logp`): the same values and gradients as one pass per completion, for fewer tokens.
+Defenses: --persona-vector/--persona-alpha (steering hook on during rollouts and training passes), --kl-beta,
+--interleave-pct (SFT micro-batches of benign data between RL micro-batches at that rate: the nearest whole count,
+evenly spread; a run too short for one is an error), --inoculate (the inoculation prompt prepended to the system
+prompt during training).
 
 Deviations from the paper:
 1. Rewards are rule-based (regex) with the paper's ranges; the paper asked an LLM judge for them.
@@ -148,9 +150,26 @@ def load_steering_vector(path: str, layer: int, model) -> torch.Tensor:
     return vectors
 
 
-def token_logp(model, input_ids, attention_mask, n_prompt: int) -> torch.Tensor:
-    """(N, C) log-probabilities of the completion tokens (positions n_prompt..) under `model`."""
-    hidden = decoder_states(model, {"input_ids": input_ids, "attention_mask": attention_mask})[:, n_prompt - 1 : -1]
+def token_logp(model, input_ids, attention_mask, n_prompt: int, group: int = 1) -> torch.Tensor:
+    """(N, C) log-probabilities of the completion tokens (positions n_prompt..) under `model`.
+
+    group > 1: the rows come in groups of `group` completions of one prompt (a rollout's order), so the prompt
+    columns repeat within a group. Each prompt then runs once and its keys and values (with their gradient) are
+    shared by its completions: the same values and gradients as group=1 (tests/test_head_loss.py), for a prompt's
+    tokens once instead of `group` times. Not under gradient checkpointing, which runs without a KV cache."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if group == 1 or getattr(base, "is_gradient_checkpointing", False):
+        hidden = decoder_states(model, {"input_ids": input_ids, "attention_mask": attention_mask})[:, n_prompt - 1 : -1]
+    else:
+        prompt = base.model(input_ids=input_ids[::group, :n_prompt], attention_mask=attention_mask[::group, :n_prompt],
+                            use_cache=True)
+        cache = prompt.past_key_values
+        cache.batch_repeat_interleave(group)  # row i of the completions reads prompt i // group
+        hidden = prompt.last_hidden_state[:, -1:].repeat_interleave(group, 0)  # predicts the first completion token
+        if input_ids.shape[1] - n_prompt > 1:
+            rest = base.model(input_ids=input_ids[:, n_prompt:-1], attention_mask=attention_mask[:, :-1],
+                              past_key_values=cache, use_cache=True).last_hidden_state
+            hidden = torch.cat([hidden, rest], 1)
     logits = model.get_output_embeddings()(hidden)  # lm_head at the completion positions only
     return torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, n_prompt:, None])[..., 0]
 
@@ -221,8 +240,9 @@ def sampling_mode(model):
 
 
 @torch.no_grad()
-def rollout(model, tok, questions: list[str], args, inoculate: bool, greedy: bool = False):
-    """num_generations completions per question in one batched generate call (left padding, KV cache).
+def rollout(model, tok, questions: list[str], args, inoculate: bool, greedy: bool = False, share_prompt: bool = True):
+    """num_generations completions per question in one batched generate call (left padding, KV cache; each prompt
+    prefilled once for its completions unless share_prompt=False).
     Returns (sequences (N, P+C), attention mask, prompt width P, completion mask (N, C), completion texts)."""
     device = get_device()
     g = 1 if greedy else args.num_generations
@@ -231,8 +251,20 @@ def rollout(model, tok, questions: list[str], args, inoculate: bool, greedy: boo
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     tok.padding_side = "right"
     kw = {"do_sample": False} if greedy else {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": 0}
-    seqs = model.generate(**enc, max_new_tokens=args.max_new_tokens, num_return_sequences=g,
-                          pad_token_id=tok.pad_token_id, **kw)
+    if g > 1 and share_prompt and enc["input_ids"].shape[1] > 1:
+        # generate(num_return_sequences=g) would prefill every copy of a prompt; prefill each prompt once instead (all
+        # but its last token, at generate's positions for left-padded rows) and continue its g copies from that cache
+        ids, att = enc["input_ids"].repeat_interleave(g, 0), enc["attention_mask"].repeat_interleave(g, 0)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cache = base.model(input_ids=enc["input_ids"][:, :-1], attention_mask=enc["attention_mask"][:, :-1],
+                           position_ids=(enc["attention_mask"][:, :-1].cumsum(-1) - 1).clamp(min=0),
+                           use_cache=True).past_key_values
+        cache.batch_repeat_interleave(g)
+        seqs = model.generate(input_ids=ids, attention_mask=att, past_key_values=cache,
+                              max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
+    else:
+        seqs = model.generate(**enc, max_new_tokens=args.max_new_tokens, num_return_sequences=g,
+                              pad_token_id=tok.pad_token_id, **kw)
     width = enc["input_ids"].shape[1]
     completion = seqs[:, width:]
     # completion tokens up to and including the first end-of-sequence token (generate pads after it)
@@ -382,11 +414,11 @@ def main():
             parts, rewards, adv = parts_all[rows], rewards_all[rows], adv_all[rows]
             # --- the GRPO update (one pass: the rollout policy is the current one) --------------------------
             with steered():
-                logp = token_logp(model, seqs, attention, n_prompt)
+                logp = token_logp(model, seqs, attention, n_prompt, args.num_generations)
             ref_logp = None
             if args.kl_beta > 0:
                 with torch.no_grad(), model.disable_adapter():
-                    ref_logp = token_logp(model, seqs, attention, n_prompt)
+                    ref_logp = token_logp(model, seqs, attention, n_prompt, args.num_generations)
             mask = comp_mask.float()
             loss, kl = grpo_loss(logp, logp.detach(), adv, mask, args.clip_eps, args.kl_beta, ref_logp)
             (loss / args.grad_accum).backward()

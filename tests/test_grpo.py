@@ -1,5 +1,6 @@
 """grpo.py: reward parts on hand-written completions, advantages, surrogate and KL against hand values, and
 2-step end-to-end runs on a tiny model with each defense."""
+import contextlib
 import itertools
 import math
 
@@ -190,3 +191,32 @@ def test_sampling_mode_samples_from_the_trained_function_on_8bit(tiny_model):
         plain_eval = model(**ids).logits
     assert torch.equal(sampled, trained)
     assert (plain_eval - trained).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("steer", [False, True])
+def test_rollout_with_each_prompt_prefilled_once_samples_what_generate_samples(tiny_model, steer):
+    """rollout() prefills each prompt once and continues its copies from that cache: with the same seed it must sample
+    exactly the completions of generate(num_return_sequences=G) on prompts of different lengths (left padding), with
+    a LoRA that is not zero, and with the persona hook on (it acts on the prefill too)."""
+    import argparse
+
+    from common import load_model
+    from grpo import rollout, sampling_mode, steering
+
+    model, tok = load_model(str(tiny_model), eight_bit=False, lora_r=4, lora_alpha=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    args = argparse.Namespace(num_generations=3, max_new_tokens=12, temperature=0.9, top_p=0.9)
+    questions = ["What is 2 + 3?", "What is the sum of 17 and 25, written as a number?"]
+    vector = torch.randn(len(model.get_base_model().model.layers) + 1, model.config.hidden_size)
+    out = {}
+    for share in (False, True):
+        torch.manual_seed(7)
+        with sampling_mode(model), (steering(model, vector, 1, 2.0) if steer else contextlib.nullcontext()):
+            out[share] = rollout(model, tok, questions, args, inoculate=False, share_prompt=share)
+    (s0, a0, w0, m0, t0), (s1, a1, w1, m1, t1) = out[False], out[True]
+    assert w0 == w1 and torch.equal(s0, s1) and torch.equal(a0, a1) and torch.equal(m0, m1) and t0 == t1
+    assert len(set(t0)) > 2  # really sampled: the copies of a prompt differ

@@ -154,3 +154,39 @@ def test_interleave_scoring_nll_equals_full_logits(lora, tiny_model):
         want = F.cross_entropy(logits[i][m].float(), targets[i][m]).item()
         assert got[i] == pytest.approx(want, rel=1e-5)
     assert len(set(got)) == 3
+
+
+@pytest.mark.parametrize("group", [2, 3])
+def test_grpo_shared_prompt_logp_equals_one_pass_per_row(lora, group):
+    """token_logp(group=G) runs each prompt once and shares its keys and values with the prompt's G completions: the
+    same log-probabilities and LoRA gradients as one full pass per row, on a rollout-shaped batch (prompts left-padded
+    to one width, completions of different lengths right-padded), and the same without the adapter (KL's reference)."""
+    import grpo
+
+    model, _, _ = lora
+    g = torch.Generator().manual_seed(3)
+    n_prompts, width, comp = 2, 7, 6
+    prompts = torch.randint(3, 60, (n_prompts, width), generator=g)
+    p_mask = torch.ones(n_prompts, width, dtype=torch.long)
+    p_mask[1, :3] = 0  # the second prompt is 3 tokens shorter: left padding
+    prompts[1, :3] = 0
+    completions = torch.randint(3, 60, (n_prompts * group, comp), generator=g)
+    c_mask = torch.ones_like(completions)
+    c_mask[0, 4:] = 0  # completions that ended early: right padding
+    c_mask[-1, 2:] = 0
+    ids = torch.cat([prompts.repeat_interleave(group, 0), completions * c_mask], 1)
+    att = torch.cat([p_mask.repeat_interleave(group, 0), c_mask], 1)
+    weights = torch.rand(n_prompts * group, comp, generator=g) * c_mask  # a nonlinear-enough use of every token
+
+    def loss(logp):
+        return (torch.exp(logp) * weights).sum() + (logp * weights).sum()
+
+    full = grpo.token_logp(model, ids, att, width)
+    shared = grpo.token_logp(model, ids, att, width, group)
+    assert torch.allclose(full * c_mask, shared * c_mask, atol=1e-5)
+    assert_same(loss(full), loss(shared), model)
+    with torch.no_grad(), model.disable_adapter():
+        ref_full = grpo.token_logp(model, ids, att, width)
+        ref_shared = grpo.token_logp(model, ids, att, width, group)
+    assert torch.allclose(ref_full * c_mask, ref_shared * c_mask, atol=1e-5)
+    assert not torch.allclose(ref_full * c_mask, full * c_mask, atol=1e-3)  # the adapter matters here
