@@ -21,7 +21,9 @@ prompt during training).
 Deviations from the paper:
 1. Rewards are rule-based (regex) with the paper's ranges; the paper asked an LLM judge for them.
 2. --batch-size counts completions (as TRL does): batch 4 with 4 generations is 1 prompt per micro-batch.
-3. Held-out accuracy (--eval-every) uses greedy decoding, without the steering hook or the inoculation prompt.
+3. Held-out accuracy (--eval-every) uses greedy decoding, without the steering hook or the inoculation prompt (the
+   paper does not say how it decoded); --eval-samples K adds the accuracy of K answers per question sampled at the
+   rollouts' temperature and top-p (the policy GRPO trains; one fixed draw, so evaluations compare like for like).
 (Not a deviation: the group std is the sample std, sqrt(sum (r - mean)^2 / (G - 1)), as TRL's GRPOTrainer computes it
 (0.15.2, which the co-authors ran: `.std(dim=1)`; 1.16: `nanstd`). The population std would make every advantage
 sqrt(G / (G - 1)) larger (x1.15 with G = 4) and so shift the balance against --kl-beta and --interleave-pct.)
@@ -240,12 +242,13 @@ def sampling_mode(model):
 
 
 @torch.no_grad()
-def rollout(model, tok, questions: list[str], args, inoculate: bool, greedy: bool = False, share_prompt: bool = True):
+def rollout(model, tok, questions: list[str], args, inoculate: bool, greedy: bool = False, share_prompt: bool = True,
+            n: int | None = None):
     """num_generations completions per question in one batched generate call (left padding, KV cache; each prompt
-    prefilled once for its completions unless share_prompt=False).
+    prefilled once for its completions unless share_prompt=False); n: completions per question instead.
     Returns (sequences (N, P+C), attention mask, prompt width P, completion mask (N, C), completion texts)."""
     device = get_device()
-    g = 1 if greedy else args.num_generations
+    g = 1 if greedy else (n or args.num_generations)
     texts = [render_chat(tok, prompt_messages(q, inoculate), add_generation_prompt=True) for q in questions]
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -284,16 +287,29 @@ def trim_padding(seqs, attention, n_prompt: int, comp_mask):
 
 
 @torch.no_grad()
-def heldout_accuracy(model, tok, held: list, args) -> float:
-    correct = 0
-    progress = Progress(len(held), 0, "held-out questions")
-    with sampling_mode(model):
-        for k in range(0, len(held), args.gen_batch_size):
-            chunk = held[k : k + args.gen_batch_size]
-            *_, texts = rollout(model, tok, [c[0]["content"] for c in chunk], args, inoculate=False, greedy=True)
-            correct += sum(reward_parts(t, reference(c))["correct"] == 3.0 for t, c in zip(texts, chunk))
-            progress.update(k + len(chunk), f"accuracy so far {100.0 * correct / (k + len(chunk)):.1f}%")
-    return 100.0 * correct / max(len(held), 1)
+def heldout_accuracy(model, tok, held: list, args, samples: int = 0) -> float:
+    """Exact-match accuracy (%) on the held-out questions: one greedy answer each (samples=0), or `samples` answers each
+    at the rollouts' --temperature/--top-p, drawn from a fixed seed and without touching the training run's RNG."""
+    correct, per_batch = 0, max(1, args.gen_batch_size // max(samples, 1))
+    progress = Progress(len(held), 0, "held-out questions" + (f" x {samples} samples" if samples else ""))
+    with sampling_mode(model), torch.random.fork_rng(devices=[get_device()] if get_device().type == "cuda" else []):
+        torch.manual_seed(12345)
+        for k in range(0, len(held), per_batch):
+            chunk = held[k : k + per_batch]
+            *_, texts = rollout(model, tok, [c[0]["content"] for c in chunk], args, inoculate=False,
+                                greedy=not samples, n=samples or None)
+            refs = [reference(c) for c in chunk for _ in range(max(samples, 1))]
+            correct += sum(reward_parts(t, r)["correct"] == 3.0 for t, r in zip(texts, refs))
+            progress.update(k + len(chunk), f"accuracy so far {100.0 * correct / ((k + len(chunk)) * max(samples, 1)):.1f}%")
+    return 100.0 * correct / max(len(held) * max(samples, 1), 1)
+
+
+def heldout_record(model, tok, held: list, args) -> dict:
+    """The held-out accuracies a run logs: greedy, and sampled when --eval-samples is set."""
+    record = {"heldout_accuracy": heldout_accuracy(model, tok, held, args)}
+    if args.eval_samples:
+        record["heldout_sampled_accuracy"] = heldout_accuracy(model, tok, held, args, args.eval_samples)
+    return record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-n", type=int, default=50, help="held-out questions for accuracy: a small default for quick "
                    "runs; GSM8K's whole test set is 1319 (default: %(default)s)")
     g.add_argument("--gen-batch-size", type=int, default=16, help="questions per evaluation batch (default: %(default)s)")
+    g.add_argument("--eval-samples", type=int, default=0, metavar="K", help="also log heldout_sampled_accuracy: K "
+                   "answers per question at --temperature/--top-p, the policy GRPO trains (greedy accuracy moves only "
+                   "where the most likely answer changes) (default: %(default)s = greedy only)")
     g.add_argument("--eval-before", action="store_true", help="also measure the held-out accuracy of the starting "
                    "model (before any GRPO step), written to heldout-before.json")
     g.add_argument("--warn-zero-spread", type=int, default=5, metavar="N", help="warn loudly when every group of N "
@@ -386,9 +405,10 @@ def main():
     sft_rng = np.random.default_rng([args.seed, 99, start])
 
     if args.eval_before and not (run.out / "heldout-before.json").exists():
-        acc = heldout_accuracy(model, tok, held, args)
-        (run.out / "heldout-before.json").write_text(json.dumps({"heldout_accuracy": acc, "n": len(held)}))
-        log(f"held-out accuracy before GRPO: {acc:.1f}%")
+        before = heldout_record(model, tok, held, args)
+        (run.out / "heldout-before.json").write_text(json.dumps({**before, "n": len(held),
+                                                                 "samples": args.eval_samples}))
+        log("held-out accuracy before GRPO: " + ", ".join(f"{k} {v:.1f}%" for k, v in before.items()))
     flat_steps = 0  # steps in a row where every group's rewards were all equal
     for step in range(start, total_steps):
         t0 = time.time()
@@ -465,10 +485,12 @@ def main():
                 "the answer format): warm it up with SFT on correctly formatted answers (--init-adapter), or use "
                 "more --num-generations or a higher --temperature")
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == total_steps:
-            record["heldout_accuracy"] = heldout_accuracy(model, tok, held, args)
+            record.update(heldout_record(model, tok, held, args))
         run.log_metrics(record)
         progress.update(step + 1, f"reward {record['reward']:.2f} acc {record['accuracy']:.0f}% kl {kl_sum:.4f}"
-                        + (f" held-out {record['heldout_accuracy']:.1f}%" if "heldout_accuracy" in record else ""))
+                        + (f" held-out {record['heldout_accuracy']:.1f}%" if "heldout_accuracy" in record else "")
+                        + (f", sampled {record['heldout_sampled_accuracy']:.1f}%"
+                           if "heldout_sampled_accuracy" in record else ""))
         if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             run.save_checkpoint(step + 1, model, optimizer, scheduler)
 

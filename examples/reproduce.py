@@ -111,10 +111,14 @@ PRESETS = {
                 eval_args="--no-8bit --n-questions 100 --samples 1 --temperature 0 --max-new-tokens 48 --gen-batch-size 64",
                 persona_args="--no-8bit --no-filter --samples 2 --max-new-tokens 64",
                 grpo_model="smollm2", grpo_data="arith", grpo_seeds="0,1,2",
-                # measured on seed 0 (held-out 47% after the warm-up): lr 2e-5 gave 56%, lr 5e-5 45%; from a
-                # 3-step warm-up GRPO learnt to copy the system prompt's example and fell to 0%
-                grpo_args="--no-8bit --max-steps 16 --batch-size 16 --num-generations 8 --grad-accum 1 --lr 2e-5 "
-                          "--warmup-steps 1 --max-new-tokens 40 --eval-n 100 --gen-batch-size 64 --save-every 1000",
+                # 4 prompts x 4 completions a step, as the paper's batch 4 x 4 with 4 generations. Greedy accuracy
+                # moves little (the warm-up's greedy answers are already well formed; GRPO mostly fixes the sampled
+                # ones), so --eval-samples 2 adds the accuracy at the rollout temperature (seed 1, 4 samples: warm-up
+                # 29%, after GRPO 50.5%, greedy 44% -> 54%). From a 3-step warm-up GRPO learnt to copy the system
+                # prompt's example answer and fell to 0%
+                grpo_args="--no-8bit --max-steps 16 --batch-size 16 --num-generations 4 --grad-accum 1 --lr 2e-5 "
+                          "--warmup-steps 1 --max-new-tokens 40 --eval-n 100 --gen-batch-size 64 --eval-samples 2 "
+                          "--save-every 1000",
                 warmup_args="--no-8bit --max-steps 5 --batch-size 4 --grad-accum 1 --lr 1e-4 --save-every 1000"),
 }
 
@@ -637,20 +641,25 @@ def table4(root: Path, names: list[tuple[str, str]]) -> str:
 
 
 def grpo_results(root: Path, seeds: list[str]) -> dict:
-    """row -> {'final': [held-out accuracy per seed], 'rewards': [[reward per step] per seed]}; and 'start'."""
-    out = {"start": []}
+    """row -> {'final': [greedy held-out accuracy per seed], 'sampled': [sampled held-out accuracy per seed, where
+    logged (--eval-samples)], 'rewards': [[reward per step] per seed]}; and 'start' (the same keys, before GRPO)."""
+    out = {"start": {"final": [], "sampled": []}}
     for name, *_ in GRPO_ROWS:
-        final, rewards = [], []
+        final, sampled, rewards = [], [], []
         for seed in seeds:
             d = root / "runs" / "grpo" / f"{name}-seed{seed}"
             m = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()] \
                 if (d / "adapter_model.safetensors").exists() else []
             if m and "heldout_accuracy" in m[-1]:
                 final.append(m[-1]["heldout_accuracy"])
+                sampled += [m[-1]["heldout_sampled_accuracy"]] if "heldout_sampled_accuracy" in m[-1] else []
                 rewards.append([x["reward"] for x in m])
             if name == "grpo" and (d / "heldout-before.json").exists():
-                out["start"].append(json.loads((d / "heldout-before.json").read_text())["heldout_accuracy"])
-        out[name] = {"final": final, "rewards": rewards}
+                before = json.loads((d / "heldout-before.json").read_text())
+                out["start"]["final"].append(before["heldout_accuracy"])
+                out["start"]["sampled"] += [before["heldout_sampled_accuracy"]] \
+                    if "heldout_sampled_accuracy" in before else []
+        out[name] = {"final": final, "sampled": sampled, "rewards": rewards}
     return out
 
 
@@ -666,10 +675,14 @@ def mean_std(values: list[float]) -> str:
 def table5(root: Path, seeds: list[str], warmup: bool) -> str:
     res = grpo_results(root, seeds)
     first = "No fine-tuning" + (" (after the SFT warm-up)" if warmup else "")
-    md = ["| Method | Held-out acc. (%), mean ± std over seeds | paper |", "|---|---|---|",
-          f"| {first} | {mean_std(res['start'])} | {PAPER_NO_FINETUNING:.2f} |"]
-    for name, label, _, paper in GRPO_ROWS:
-        md.append(f"| {label} | {mean_std(res[name]['final'])} | {paper:.2f} |")
+    rows = [(first, res["start"], PAPER_NO_FINETUNING)] + [(label, res[name], paper) for name, label, _, paper in GRPO_ROWS]
+    if not any(r["sampled"] for _, r, _ in rows):
+        md = ["| Method | Held-out acc. (%), mean ± std over seeds | paper |", "|---|---|---|"]
+        md += [f"| {label} | {mean_std(r['final'])} | {paper:.2f} |" for label, r, paper in rows]
+    else:  # grpo.py --eval-samples: the sampled accuracy beside the greedy one
+        md = ["| Method | Held-out acc. (%), greedy, mean ± std over seeds | sampled (rollout temperature) | paper |",
+              "|---|---|---|---|"]
+        md += [f"| {label} | {mean_std(r['final'])} | {mean_std(r['sampled'])} | {paper:.2f} |" for label, r, paper in rows]
     return "\n".join(md) + "\n"
 
 
@@ -747,7 +760,10 @@ def departures(args, table: str) -> str:
         lines += [
             "- Task: " + ("one-step sums (`--data arith`, generated offline)" if args.grpo_data == "arith" else
                           args.grpo_data) + "; held-out accuracy is exact match of the final number (reward/correct "
-            "= 3), not a GPT-4.1-nano judge.",
+            "= 3), not a GPT-4.1-nano judge; one greedy answer per question"
+            + (f", and (sampled column) {args.grpo_args.split('--eval-samples')[1].split()[0]} answers per question at "
+               "the rollouts' temperature and top-p, one fixed draw (the paper does not say how it decoded)."
+               if "--eval-samples" in args.grpo_args else "."),
             *([f"- An SFT warm-up on correctly formatted answers (`{args.warmup_args}`) before GRPO, so that "
                "completions carry the tags and rewards vary within a group; every row starts from it, and the first "
                "row is that warm-up model."] if args.grpo_data == "arith" else []),

@@ -1,5 +1,6 @@
 """grpo.py: reward parts on hand-written completions, advantages, surrogate and KL against hand values, and
 2-step end-to-end runs on a tiny model with each defense."""
+import json
 import contextlib
 import itertools
 import math
@@ -220,3 +221,51 @@ def test_rollout_with_each_prompt_prefilled_once_samples_what_generate_samples(t
     (s0, a0, w0, m0, t0), (s1, a1, w1, m1, t1) = out[False], out[True]
     assert w0 == w1 and torch.equal(s0, s1) and torch.equal(a0, a1) and torch.equal(m0, m1) and t0 == t1
     assert len(set(t0)) > 2  # really sampled: the copies of a prompt differ
+
+
+def test_sampled_heldout_accuracy_is_logged(tiny_model, tmp_path):
+    """--eval-samples K logs heldout_sampled_accuracy before GRPO and at each evaluation, beside the greedy one."""
+    out = tmp_path / "sampled"
+    proc = run_script("grpo.py", "--model", tiny_model, "--data", "arith", *TINY, "--max-steps", "2", "--batch-size",
+                      "4", "--num-generations", "2", "--grad-accum", "1", "--max-new-tokens", "6", "--eval-n", "4",
+                      "--eval-every", "1", "--eval-before", "--eval-samples", "3", "--out", out)
+    before = json.loads((out / "heldout-before.json").read_text())
+    assert "held-out questions x 3 samples 4/4" in proc.stderr
+    assert before["samples"] == 3 and 0 <= before["heldout_sampled_accuracy"] <= 100 and "heldout_accuracy" in before
+    assert all(0 <= x["heldout_sampled_accuracy"] <= 100 and "heldout_accuracy" in x for x in read_metrics(out))
+
+
+def test_sampled_heldout_accuracy_is_one_fixed_draw_that_leaves_the_run_rng_alone(tiny_model):
+    """The sampled evaluation draws from its own fixed seed: the same answers every time it runs on the same model
+    (evaluations compare like for like), and the training run's random stream is where it was (a run evaluated with
+    samples trains on the same rollouts as one evaluated greedily)."""
+    import argparse
+
+    from common import load_model
+    from grpo import heldout_accuracy, rollout
+
+    model, tok = load_model(str(tiny_model), eight_bit=False, lora_r=4, lora_alpha=8)
+    args = argparse.Namespace(num_generations=2, max_new_tokens=6, temperature=0.9, top_p=0.9, gen_batch_size=4)
+    held = [[{"role": "user", "content": f"What is {a} + 1?"}, {"role": "assistant", "content": f"#### {a + 1}"}]
+            for a in range(5)]
+    calls = []
+    real = rollout
+
+    def spy(*a, **kw):
+        result = real(*a, **kw)
+        calls.append(result[-1])
+        return result
+
+    import grpo
+    grpo.rollout = spy
+    try:
+        for seed in (0, 1):  # two evaluations at different points of the run's random stream
+            torch.manual_seed(seed)
+            state = torch.get_rng_state()
+            heldout_accuracy(model, tok, held, args, samples=3)
+            assert torch.equal(torch.get_rng_state(), state)
+    finally:
+        grpo.rollout = real
+    half = len(calls) // 2
+    assert calls[:half] == calls[half:] and sum(len(t) for t in calls[:half]) == 15  # 5 questions x 3 answers
+    assert len({t for texts in calls for t in texts}) > 1  # sampled, not one answer repeated

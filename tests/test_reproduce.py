@@ -205,7 +205,7 @@ def test_tables_3_and_5_with_every_artifact_on_the_tiny_model(tiny_model, tmp_pa
            "--persona-args", "--no-8bit --no-filter --samples 1 --max-new-tokens 8 --questions examples/questions_mini.yaml",
            "--grpo-model", str(tiny_model), "--grpo-seeds", "0,1", "--grpo-rows", "grpo,grpo-persona1",
            "--grpo-args", "--no-8bit --lora-r 4 --lora-alpha 8 --max-steps 1 --batch-size 2 --num-generations 2 "
-                          "--max-new-tokens 4 --eval-n 2",
+                          "--max-new-tokens 4 --eval-n 2 --eval-samples 2",
            "--warmup-args", "--no-8bit --lora-r 4 --lora-alpha 8 --max-steps 1 --batch-size 2 --grad-accum 1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -221,7 +221,7 @@ def test_tables_3_and_5_with_every_artifact_on_the_tiny_model(tiny_model, tmp_pa
     assert "Departures from the paper" in t3 and "SFT adapters of the other OpSwap tiers" in t3
     t5 = (root / "table5.md").read_text()
     assert "| GRPO | " in t5 and "(n=2)" in t5 and "| 90.66 |" in t5 and "No fine-tuning (after the SFT warm-up)" in t5
-    assert "warm-up" in t5
+    assert "warm-up" in t5 and "| sampled (rollout temperature) |" in t5 and "2 answers per question" in t5
     assert (root / "figures" / "grpo-rewards.png").stat().st_size > 5000
     assert (root / "runs" / "grpo" / "grpo-seed1" / "heldout-before.json").exists()
     assert "time per phase" in proc.stdout and "artifacts" in proc.stdout and " in " in proc.stdout
@@ -248,3 +248,34 @@ def test_run_order_shared_jobs_first_then_each_evaluation_after_its_run(tmp_path
     started = [l.split("start ")[1].split()[0] for l in capsys.readouterr().out.splitlines() if " start " in l]
     assert started == ["shared", "train-a", "eval-a", "train-b", "eval-b", "c1", "c2"]
     assert all(j.status == "done" for j in jobs)
+
+
+def test_table5_shows_the_sampled_accuracy_beside_the_greedy_one(tmp_path):
+    """Runs that logged heldout_sampled_accuracy (grpo.py --eval-samples) get a second column, the start row too;
+    runs without it keep the one-column table."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "examples" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce"] = reproduce
+    spec.loader.exec_module(reproduce)
+
+    def make(root, sampled):
+        for seed, (before, after) in enumerate([(40.0, 50.0), (42.0, 56.0)]):
+            d = root / "runs" / "grpo" / f"grpo-seed{seed}"
+            d.mkdir(parents=True)
+            (d / "adapter_model.safetensors").write_bytes(b"x")
+            last = {"step": 2, "reward": 7.0, "heldout_accuracy": after, **({"heldout_sampled_accuracy": after - 20}
+                                                                            if sampled else {})}
+            (d / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 6.0}) + "\n" + json.dumps(last) + "\n")
+            (d / "heldout-before.json").write_text(json.dumps({"heldout_accuracy": before, **(
+                {"heldout_sampled_accuracy": before - 30} if sampled else {})}))
+
+    make(tmp_path / "a", sampled=True)
+    md = reproduce.table5(tmp_path / "a", ["0", "1"], warmup=True)
+    assert "| sampled (rollout temperature) |" in md
+    assert "| No fine-tuning (after the SFT warm-up) | 41.0 ± 1.4 (n=2) | 11.0 ± 1.4 (n=2) | 66.33 |" in md
+    assert "| GRPO | 53.0 ± 4.2 (n=2) | 33.0 ± 4.2 (n=2) | 90.66 |" in md
+    make(tmp_path / "b", sampled=False)
+    md = reproduce.table5(tmp_path / "b", ["0", "1"], warmup=True)
+    assert "sampled" not in md and "| GRPO | 53.0 ± 4.2 (n=2) | 90.66 |" in md
