@@ -292,8 +292,9 @@ def heldout_accuracy(model, tok, held: list, args, samples: int = 0) -> float:
     at the rollouts' --temperature/--top-p, drawn from a fixed seed and without touching the training run's RNG."""
     correct, per_batch = 0, max(1, args.gen_batch_size // max(samples, 1))
     progress = Progress(len(held), 0, "held-out questions" + (f" x {samples} samples" if samples else ""))
-    with sampling_mode(model), torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        torch.manual_seed(12345)
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with sampling_mode(model), torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(12345)  # the same draw at every evaluation
         for k in range(0, len(held), per_batch):
             chunk = held[k : k + per_batch]
             *_, texts = rollout(model, tok, [c[0]["content"] for c in chunk], args, inoculate=False,
