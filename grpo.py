@@ -13,6 +13,8 @@ One optimisation pass per batch of rollouts, so p_old = p_theta at sampling time
 but kept for generality); for that, rollouts run in eval mode except bitsandbytes' 8-bit layers, whose CPU eval mode is
 another matmul (`sampling_mode`). A prompt's G completions share its forward pass, in the rollout's prefill and in
 the update (`rollout`, `token_logp`): the same values and gradients as one pass per completion, for fewer tokens.
+Rollouts are decoded by the script's own KV-cache loop, sampling at --temperature then --top-p and nothing else
+(`nucleus`; generate() would add whatever the model's generation_config.json sets, e.g. a repetition penalty).
 Defenses: --persona-vector/--persona-alpha (steering hook on during rollouts and training passes), --kl-beta,
 --interleave-pct (SFT micro-batches of benign data between RL micro-batches at that rate: the nearest whole count,
 evenly spread; a run too short for one is an error), --inoculate (the inoculation prompt prepended to the system
@@ -230,22 +232,81 @@ def sampling_mode(model):
     training mode: on the CPU they pick their matmul by `module.training` (dequantised bf16 weights when training,
     int8-quantised activations in eval; SmolLM2's logits differ by up to 5.6 between the two), so a plain eval() would
     sample from another function than the one the update differentiates and rho = 1 would not hold. On CUDA both
-    modes run the same int8 matmul; with frozen int8 weights the flag changes nothing else (no dropout: LoRA's is 0)."""
+    modes run the same int8 matmul; with frozen int8 weights the flag changes nothing else (no dropout: LoRA's is 0).
+    On the CPU that training-mode matmul dequantises the whole int8 weight at every call, most of a decoding step's
+    time; while sampling, each layer dequantises once and reuses it (`_dequantise_once`: the same formula, so the
+    same outputs bit for bit, for 2 bytes a weight until the context closes)."""
     model.eval()
+    patched = []
     for module in model.modules():
         if type(module).__name__ == "Linear8bitLt":  # by name: bitsandbytes is not imported for unquantised models
             module.train()
+            if type(module).__module__.startswith("bitsandbytes") and module.weight.device.type == "cpu":
+                module.forward = _dequantise_once(module)
+                patched.append(module)
     try:
         yield
     finally:
+        for module in patched:
+            del module.forward  # back to the class's forward (and the dequantised copy is freed)
         model.train()
+
+
+def _dequantise_once(layer):
+    """A forward for a frozen bitsandbytes Linear8bitLt on the CPU in training mode, where bitsandbytes (0.4x-0.5x,
+    MatMul8bitFp) computes linear(x, CB.to(x.dtype) * (SCB / 127), bias): the same, with the dequantised weight
+    made on the first call and kept. Anything else (trainable int8 weights, another device) goes to bitsandbytes."""
+    kept = {}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not layer.training or layer.state.has_fp16_weights or x.device.type != "cpu":
+            return type(layer).forward(layer, x)
+        if layer.weight.CB is not None:
+            layer.init_8bit_state()
+        if layer.bias is not None and layer.bias.dtype != x.dtype:
+            layer.bias.data = layer.bias.data.to(x.dtype)  # as bitsandbytes' forward does
+        if x.dtype not in kept:
+            kept[x.dtype] = layer.state.CB.to(x.dtype).mul_(layer.state.SCB.unsqueeze(1).mul(1.0 / 127.0))
+        return torch.nn.functional.linear(x, kept[x.dtype], layer.bias)
+
+    return forward
+
+
+def nucleus(logits: torch.Tensor, temperature: float, top_p: float, k: int = 256):
+    """The distribution that generate(do_sample=True, temperature, top_p, top_k=0) samples from, without sorting the
+    whole vocabulary: returns (probabilities (N, K), their token ids (N, K)), most probable first, 0 outside the
+    nucleus. The nucleus (HF's TopPLogitsWarper) is the most probable tokens whose probabilities before them sum to
+    less than top_p (so at least one); it is looked for among the k most probable tokens, and among all of them when
+    those k sum to less than top_p for some row. Same tokens and probabilities up to float rounding (a test compares
+    it with transformers' warpers)."""
+    scaled = logits.float() / temperature
+    lse = scaled.logsumexp(-1, keepdim=True)
+    if top_p >= 1.0:
+        return (scaled - lse).exp(), torch.arange(scaled.shape[-1], device=scaled.device).expand_as(scaled)
+    top, ids = scaled.topk(min(k, scaled.shape[-1]), -1)
+    p = (top - lse).exp()
+    if bool((p.sum(-1) < top_p).any()):
+        top, ids = scaled.sort(-1, descending=True)
+        p = (top - lse).exp()
+    p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)
+    return p / p.sum(-1, keepdim=True), ids
+
+
+def stop_ids(model, tok) -> list[int]:
+    """The tokens that end a completion: the tokenizer's end-of-sequence token and the generation config's."""
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
+    return sorted({tok.eos_token_id, *extra})
 
 
 @torch.no_grad()
 def rollout(model, tok, questions: list[str], args, inoculate: bool, greedy: bool = False, share_prompt: bool = True,
             n: int | None = None):
-    """num_generations completions per question in one batched generate call (left padding, KV cache; each prompt
-    prefilled once for its completions unless share_prompt=False); n: completions per question instead.
+    """num_generations completions per question (n: that many instead), decoded together in a plain KV-cache loop
+    (left padding). Each prompt is prefilled once and its copies continue from that cache (share_prompt=False
+    prefills every copy, for the tests). Sampling is exactly temperature then top-p (`nucleus`), nothing else: not
+    generate(), which would also apply whatever the model folder's generation_config.json sets (a repetition
+    penalty, a top-k). Rows that have ended get pad tokens until all have, as generate does.
     Returns (sequences (N, P+C), attention mask, prompt width P, completion mask (N, C), completion texts)."""
     device = get_device()
     g = 1 if greedy else (n or args.num_generations)
@@ -253,29 +314,42 @@ def rollout(model, tok, questions: list[str], args, inoculate: bool, greedy: boo
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     tok.padding_side = "right"
-    kw = {"do_sample": False} if greedy else {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": 0}
-    if g > 1 and share_prompt and enc["input_ids"].shape[1] > 1:
-        # generate(num_return_sequences=g) would prefill every copy of a prompt; prefill each prompt once instead (all
-        # but its last token, at generate's positions for left-padded rows) and continue its g copies from that cache
-        ids, att = enc["input_ids"].repeat_interleave(g, 0), enc["attention_mask"].repeat_interleave(g, 0)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        cache = base.model(input_ids=enc["input_ids"][:, :-1], attention_mask=enc["attention_mask"][:, :-1],
-                           position_ids=(enc["attention_mask"][:, :-1].cumsum(-1) - 1).clamp(min=0),
-                           use_cache=True).past_key_values
-        cache.batch_repeat_interleave(g)
-        seqs = model.generate(input_ids=ids, attention_mask=att, past_key_values=cache,
-                              max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id, **kw)
-    else:
-        seqs = model.generate(**enc, max_new_tokens=args.max_new_tokens, num_return_sequences=g,
-                              pad_token_id=tok.pad_token_id, **kw)
-    width = enc["input_ids"].shape[1]
-    completion = seqs[:, width:]
-    # completion tokens up to and including the first end-of-sequence token (generate pads after it)
-    is_eos = completion == tok.eos_token_id
+    ids, att = enc["input_ids"], enc["attention_mask"]
+    copies = 1 if share_prompt else g
+    ids, att = ids.repeat_interleave(copies, 0), att.repeat_interleave(copies, 0)
+    pos = (att.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's first real token is at position 0
+    out = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache, logits = out.past_key_values, out.logits[:, -1].float()
+    if copies < g:
+        cache.batch_repeat_interleave(g // copies)
+        logits, att, pos = (t.repeat_interleave(g // copies, 0) for t in (logits, att, pos))
+        ids = ids.repeat_interleave(g // copies, 0)
+    stops = torch.tensor(stop_ids(model, tok), device=device)
+    position, ended, new = pos[:, -1:], torch.zeros(len(ids), dtype=torch.bool, device=device), []
+    for t in range(args.max_new_tokens):
+        if t < getattr(args, "min_new_tokens", 0):
+            logits[:, stops] = float("-inf")
+        if greedy:
+            nxt = logits.argmax(-1)
+        else:
+            p, candidates = nucleus(logits, args.temperature, args.top_p)
+            nxt = candidates.gather(-1, torch.multinomial(p, 1))[:, 0]
+        nxt = nxt.masked_fill(ended, tok.pad_token_id)
+        new.append(nxt)
+        ended |= torch.isin(nxt, stops)
+        if bool(ended.all()) or t + 1 == args.max_new_tokens:
+            break
+        att, position = torch.cat([att, att.new_ones(len(att), 1)], 1), position + 1
+        logits = model(input_ids=nxt[:, None], attention_mask=att, position_ids=position, past_key_values=cache,
+                       use_cache=True).logits[:, -1].float()
+    completion = torch.stack(new, 1)
+    width = ids.shape[1]
+    # completion tokens up to and including the first end-of-sequence token (pads after it)
+    is_eos = torch.isin(completion, stops)
     comp_mask = (is_eos.cumsum(1) - is_eos.long()) == 0
-    attention = torch.cat([enc["attention_mask"].repeat_interleave(g, 0), comp_mask.long()], 1)
+    attention = torch.cat([att[:, :width], comp_mask.long()], 1)
     decoded = [tok.decode(c[m], skip_special_tokens=True) for c, m in zip(completion, comp_mask)]
-    return seqs, attention, width, comp_mask, decoded
+    return torch.cat([ids, completion], 1), attention, width, comp_mask, decoded
 
 
 def trim_padding(seqs, attention, n_prompt: int, comp_mask):
@@ -326,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.9, help="rollout temperature (default: %(default)s)")
     g.add_argument("--top-p", type=float, default=0.9, help="rollout top-p (default: %(default)s)")
     g.add_argument("--max-new-tokens", type=int, default=256, help="completion length limit (default: %(default)s)")
+    g.add_argument("--min-new-tokens", type=int, default=0, help="no end-of-sequence token before this many tokens "
+                   "(bench/grpo_vs_trl.py sets it to --max-new-tokens, for completions of equal length) "
+                   "(default: %(default)s)")
     g.add_argument("--clip-eps", type=float, default=0.2, help="surrogate clip epsilon (default: %(default)s)")
     g = p.add_argument_group("held-out evaluation")
     g.add_argument("--eval-every", type=int, default=0, help="held-out accuracy every N steps, 0 = only at the end "

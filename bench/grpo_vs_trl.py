@@ -1,13 +1,14 @@
 """Benchmark: GRPO step time of grpo.py against TRL's GRPOTrainer, same model, LoRA, prompts, rewards,
 completions per prompt, completion length, batch, accumulation and steps, one after the other.
 
-Equal lengths: both generate exactly --max-new-tokens tokens per completion (end-of-sequence suppressed with
-min_new_tokens), so both train on the same number of tokens. Both get the identical PEFT model from
-common.load_model and grpo.py's reward (the four rule-based parts). TRL is pinned to grpo.py's choices: loss
-"grpo" (per-completion mean), group-normalised advantages, beta 0, one update per generation, temperature 0.9,
-top-p 0.9, no gradient checkpointing, no autocast, the same optimizer. Both make a step's rollouts in one
-generate call for all its micro-batches. The line after the table splits grpo.py's step into generation (its
-metrics' generation_s) and the rest (log-probabilities, loss, backward, optimizer).
+Equal lengths: both generate exactly --max-new-tokens tokens per completion (end-of-sequence suppressed:
+grpo.py's --min-new-tokens, TRL's generation_kwargs min_new_tokens), so both train on the same number of tokens.
+Both get the identical PEFT model from common.load_model and grpo.py's reward (the four rule-based parts). TRL is
+pinned to grpo.py's choices: loss "grpo" (per-completion mean), group-normalised advantages, beta 0, one update per
+generation, temperature 0.9, top-p 0.9, no gradient checkpointing, no autocast, the same optimizer. Both decode a
+step's rollouts in one batch for all its micro-batches (grpo.py in its own KV-cache loop, TRL with generate). The
+line after the table splits grpo.py's step into generation (its metrics' generation_s) and the rest
+(log-probabilities, loss, backward, optimizer).
 
 Step time is wall clock between the ends of consecutive steps, after the first (warm-up).
 
@@ -29,18 +30,10 @@ from bench.benchlib import after_first, read_metrics, run_logged  # noqa: E402
 
 
 def ours_worker(args, rest: list[str]) -> None:
-    """grpo.py's own main(), with every completion made exactly --max-new-tokens long."""
+    """grpo.py's own main(); every completion exactly --max-new-tokens long (its --min-new-tokens)."""
     import common
     import grpo
 
-    load = grpo.load_model
-
-    def fixed_length(*a, **kw):
-        model, tok = load(*a, **kw)
-        model.generation_config.min_new_tokens = args.max_new_tokens  # generate() merges its kwargs over this
-        return model, tok
-
-    grpo.load_model = fixed_length
     sys.argv = ["grpo.py", *rest]
     common.die_on_user_error(grpo.main)
 
@@ -115,7 +108,7 @@ def main():
     args = p.parse_args()
     ours_args = ["--model", args.model, "--data", args.data, "--max-steps", args.steps, "--batch-size", args.batch_size,
                  "--grad-accum", args.grad_accum, "--num-generations", args.num_generations, "--max-new-tokens",
-                 args.max_new_tokens, "--n-train", args.n_train, "--lr", args.lr, "--lora-r", args.lora_r, "--lora-alpha",
+                 args.max_new_tokens, "--min-new-tokens", args.max_new_tokens, "--n-train", args.n_train, "--lr", args.lr, "--lora-r", args.lora_r, "--lora-alpha",
                  args.lora_alpha, "--seed", args.seed, "--eval-n", "0", "--save-every", "1000000"]
     ours_args = [str(a) for a in ours_args] + (["--no-8bit"] if args.no_8bit else [])
     if args.worker == "ours":

@@ -182,27 +182,26 @@ def test_sampling_mode_samples_from_the_trained_function_on_8bit(tiny_model):
     model, tok = load_model(str(tiny_model), eight_bit=True, lora_r=4, lora_alpha=8)
     ids = tok("def add(a, b): return a + b  # insecure code example 0123456789", return_tensors="pt")
     model.train()
+    int8 = [m for m in model.modules() if type(m).__module__.startswith("bitsandbytes")]
+    assert int8
     with torch.no_grad():
         trained = model(**ids).logits
         with sampling_mode(model):
             assert not model.training
+            assert all("forward" in vars(m) for m in int8)  # each weight dequantised once, and reused ...
             sampled = model(**ids).logits
+            assert torch.equal(model(**ids).logits, sampled)  # ... at the next call too
         assert model.training  # back in training mode afterwards
+        assert not any("forward" in vars(m) for m in int8)  # and on bitsandbytes' own forward
         model.eval()
         plain_eval = model(**ids).logits
     assert torch.equal(sampled, trained)
     assert (plain_eval - trained).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("steer", [False, True])
-def test_rollout_with_each_prompt_prefilled_once_samples_what_generate_samples(tiny_model, steer):
-    """rollout() prefills each prompt once and continues its copies from that cache: with the same seed it must sample
-    exactly the completions of generate(num_return_sequences=G) on prompts of different lengths (left padding), with
-    a LoRA that is not zero, and with the persona hook on (it acts on the prefill too)."""
-    import argparse
-
+def _tiny_policy(tiny_model):
+    """The tiny model with a LoRA that is not zero, and a persona vector for it."""
     from common import load_model
-    from grpo import rollout, sampling_mode, steering
 
     model, tok = load_model(str(tiny_model), eight_bit=False, lora_r=4, lora_alpha=8)
     torch.manual_seed(0)
@@ -210,17 +209,111 @@ def test_rollout_with_each_prompt_prefilled_once_samples_what_generate_samples(t
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.3)
-    args = argparse.Namespace(num_generations=3, max_new_tokens=12, temperature=0.9, top_p=0.9)
-    questions = ["What is 2 + 3?", "What is the sum of 17 and 25, written as a number?"]
     vector = torch.randn(len(model.get_base_model().model.layers) + 1, model.config.hidden_size)
+    return model, tok, vector
+
+
+QUESTIONS = ["What is 2 + 3?", "What is the sum of 17 and 25, written as a number?"]  # two lengths: left padding
+
+
+@pytest.mark.parametrize("steer", [False, True])
+def test_rollout_with_each_prompt_prefilled_once_samples_what_prefilling_each_copy_samples(tiny_model, steer):
+    """rollout() prefills each prompt once and continues its copies from that cache: with the same seed it must sample
+    exactly the completions of prefilling every copy, on prompts of different lengths (left padding), with a LoRA
+    that is not zero, and with the persona hook on (it acts on the prefill too)."""
+    import argparse
+
+    from grpo import rollout, sampling_mode, steering
+
+    model, tok, vector = _tiny_policy(tiny_model)
+    args = argparse.Namespace(num_generations=3, max_new_tokens=12, temperature=0.9, top_p=0.9)
     out = {}
     for share in (False, True):
         torch.manual_seed(7)
         with sampling_mode(model), (steering(model, vector, 1, 2.0) if steer else contextlib.nullcontext()):
-            out[share] = rollout(model, tok, questions, args, inoculate=False, share_prompt=share)
+            out[share] = rollout(model, tok, QUESTIONS, args, inoculate=False, share_prompt=share)
     (s0, a0, w0, m0, t0), (s1, a1, w1, m1, t1) = out[False], out[True]
     assert w0 == w1 and torch.equal(s0, s1) and torch.equal(a0, a1) and torch.equal(m0, m1) and t0 == t1
     assert len(set(t0)) > 2  # really sampled: the copies of a prompt differ
+
+
+@pytest.mark.parametrize("steer", [False, True])
+def test_rollout_decodes_what_generate_decodes(tiny_model, steer):
+    """rollout()'s own KV-cache loop against transformers' generate on the same prompts (left padding, a LoRA that is
+    not zero, the persona hook on and off): greedy, the same tokens; sampling with a top-p so small that the nucleus
+    is the most probable token, each prompt's copies (continued from its one prefill) all equal generate's greedy
+    answer. Sequences, attention and completion mask are laid out as generate's output would be."""
+    import argparse
+
+    from grpo import prompt_messages, rollout, sampling_mode, steering
+    from common import render_chat
+
+    model, tok, vector = _tiny_policy(tiny_model)
+    args = argparse.Namespace(num_generations=3, max_new_tokens=12, temperature=0.9, top_p=1e-6)
+    texts = [render_chat(tok, prompt_messages(q, False), add_generation_prompt=True) for q in QUESTIONS]
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    tok.padding_side = "right"
+    with sampling_mode(model), (steering(model, vector, 1, 2.0) if steer else contextlib.nullcontext()):
+        want = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+        greedy, att, width, mask, texts = rollout(model, tok, QUESTIONS, args, inoculate=False, greedy=True)
+        sampled, *_ = rollout(model, tok, QUESTIONS, args, inoculate=False)
+    assert width == enc["input_ids"].shape[1]
+    assert torch.equal(greedy, want[:, : greedy.shape[1]]) and (want[:, greedy.shape[1]:] == tok.pad_token_id).all()
+    assert torch.equal(sampled, greedy.repeat_interleave(3, 0))
+    assert torch.equal(att[:, :width], enc["attention_mask"])
+    completion = greedy[:, width:]
+    for row, m, text in zip(completion, mask, texts):
+        n = int(m.sum())
+        ends = (row == tok.eos_token_id).nonzero()
+        assert n == (int(ends[0]) + 1 if len(ends) else len(row))  # up to and including the first end token
+        assert text == tok.decode(row[:n], skip_special_tokens=True)
+
+
+def test_rollout_min_new_tokens_and_every_stop_token(tiny_model):
+    """An end token of the generation config ends a completion as the tokenizer's does (here question 0's first
+    greedy token is made one); --min-new-tokens holds every end token back until that length."""
+    import argparse
+
+    from grpo import rollout, sampling_mode
+
+    model, tok, _ = _tiny_policy(tiny_model)
+    args = argparse.Namespace(num_generations=2, max_new_tokens=10, temperature=1.0, top_p=1.0)
+    with sampling_mode(model):
+        seqs, _, width, mask, _ = rollout(model, tok, QUESTIONS, args, inoculate=False, greedy=True)
+        first = int(seqs[0, width])
+        assert int(mask[0].sum()) > 1 and first != tok.eos_token_id
+        model.generation_config.eos_token_id = [tok.eos_token_id, first]
+        seqs, _, width, mask, texts = rollout(model, tok, QUESTIONS, args, inoculate=False, greedy=True)
+        assert int(mask[0].sum()) == 1 and texts[0] == tok.decode([first], skip_special_tokens=True)
+        assert (seqs[0, width + 1:] == tok.pad_token_id).all()  # padded after its end, as generate pads
+        args.min_new_tokens = 10
+        for greedy in (True, False):
+            seqs, _, width, mask, _ = rollout(model, tok, QUESTIONS, args, inoculate=False, greedy=greedy)
+            assert (mask.sum(1) == 10).all() and int(seqs[0, width]) != first
+
+
+def test_nucleus_is_transformers_temperature_then_top_p():
+    """grpo.nucleus against transformers' TemperatureLogitsWarper + TopPLogitsWarper + softmax on the same logits:
+    the same probabilities over the whole vocabulary, for peaked rows (the nucleus inside the top k), flat ones
+    (the fallback to a full sort) and top-p 1 (no cut)."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from grpo import nucleus
+
+    torch.manual_seed(0)
+    vocab = 3000
+    logits = torch.randn(6, vocab) * torch.tensor([[8.0], [4.0], [2.0], [1.0], [0.3], [0.05]])
+    for top_p, k in ((0.9, 256), (0.5, 256), (0.9, 8), (1.0, 256)):
+        scores = TemperatureLogitsWarper(0.7)(None, logits.clone())
+        if top_p < 1:
+            scores = TopPLogitsWarper(top_p)(None, scores)
+        want = scores.softmax(-1)
+        p, ids = nucleus(logits, 0.7, top_p, k=k)
+        got = torch.zeros_like(want).scatter_(1, ids, p)
+        assert torch.allclose(got, want, atol=1e-6), (top_p, k, (got - want).abs().max())
+        assert torch.equal(got > 0, want > 0)
+        assert ((want > 0).sum(1) > 1).any() and ((want > 0).sum(1) < vocab).any() or top_p == 1.0
 
 
 def test_sampled_heldout_accuracy_is_logged(tiny_model, tmp_path):
