@@ -5,6 +5,7 @@ paper_data.py, serving.py, smollm2.py, judge.py, report.py; a missing one is a o
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import logging
@@ -142,7 +143,38 @@ def load_model(name: str, *, eight_bit: bool = True, lora_r: int = 32, lora_alph
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    for module in model.modules():
+        if type(module).__name__ == "Linear8bitLt" and type(module).__module__.startswith("bitsandbytes"):
+            module.forward = functools.partial(_int8_forward, module)
     return wrap_lora(model, lora_r, lora_alpha, adapter, trainable), tok
+
+
+class _FrozenInt8Linear(torch.autograd.Function):
+    """bitsandbytes' own 8-bit linear forward, minus what it saves for backward: its autograd functions keep the
+    layer's input (on CUDA also its outlier columns) alive until backward, which for a frozen int8 weight uses only the
+    weight. Backward here is bitsandbytes' own formula (MatMul8bitLt and MatMul8bitFp alike):
+    grad_x = grad_out @ (CB * SCB / 127). One (tokens x in_features) tensor less per 8-bit layer and step."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer, ctx.shape, ctx.dtype = layer, x.shape, x.dtype
+        return type(layer).forward(layer, x)  # grad is off in here: bitsandbytes records and keeps nothing
+
+    @staticmethod
+    def backward(ctx, grad):
+        state = ctx.layer.state
+        weight = state.CB.to(ctx.dtype, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))
+        return torch.matmul(grad.reshape(-1, grad.shape[-1]).to(ctx.dtype), weight).view(ctx.shape), None
+
+
+def _int8_forward(layer, x):
+    """A bitsandbytes Linear8bitLt's forward when its weight is frozen and its input needs a gradient."""
+    if torch.is_grad_enabled() and x.requires_grad and not layer.weight.requires_grad:
+        if layer.weight.CB is not None:
+            layer.init_8bit_state()  # as bitsandbytes' forward does first: the int8 weight and scales move to .state
+        if layer.state.CB is not None and not layer.state.has_fp16_weights:
+            return _FrozenInt8Linear.apply(x, layer)
+    return type(layer).forward(layer, x)
 
 
 def wrap_lora(model, lora_r: int = 32, lora_alpha: int = 64, adapter: str | None = None, trainable: bool = True):

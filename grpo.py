@@ -237,18 +237,21 @@ def sampling_mode(model):
     time; while sampling, each layer dequantises once and reuses it (`_dequantise_once`: the same formula, so the
     same outputs bit for bit, for 2 bytes a weight until the context closes)."""
     model.eval()
-    patched = []
+    patched = {}
     for module in model.modules():
         if type(module).__name__ == "Linear8bitLt":  # by name: bitsandbytes is not imported for unquantised models
             module.train()
             if type(module).__module__.startswith("bitsandbytes") and module.weight.device.type == "cpu":
+                patched[module] = vars(module).get("forward")
                 module.forward = _dequantise_once(module)
-                patched.append(module)
     try:
         yield
     finally:
-        for module in patched:
-            del module.forward  # back to the class's forward (and the dequantised copy is freed)
+        for module, forward in patched.items():  # the forward it had (the dequantised copy is freed)
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
         model.train()
 
 

@@ -329,3 +329,46 @@ def test_generate_texts_left_pads_a_batch_like_single_prompts(tiny_model):
     alone = [generate_texts(model, tok, [c], max_new_tokens=6, do_sample=False)[0] for c in convs]
     assert batched == alone and all(isinstance(a, str) for a in batched)
     assert any(batched)  # the tiny model says something
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_8bit_layers_keep_no_input_for_backward_and_give_bitsandbytes_gradients(tiny_model, checkpointing):
+    """load_model runs each frozen bitsandbytes 8-bit layer through common._FrozenInt8Linear: the same loss and the same
+    LoRA gradients, bit for bit, as bitsandbytes' own autograd function, and no layer input kept alive until backward
+    (bitsandbytes keeps each one, which its backward never reads; gradient checkpointing does not free them)."""
+    import weakref
+
+    from common import decoder_states, load_model
+
+    model, tok = load_model(str(tiny_model), eight_bit=True, lora_r=4, lora_alpha=8,
+                            gradient_checkpointing=checkpointing)
+    int8 = [m for m in model.modules() if type(m).__module__.startswith("bitsandbytes")]
+    assert int8 and all("forward" in vars(m) for m in int8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    ids = torch.randint(3, 200, (2, 40))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        inputs = []  # weak references to each 8-bit layer's input: which ones the graph keeps alive until backward
+        hooks = [m.register_forward_pre_hook(lambda m, args: inputs.append(weakref.ref(args[0]))) for m in int8]
+        loss = decoder_states(model, batch).float().pow(2).mean()
+        kept = sum(r() is not None for r in inputs)
+        loss.backward()
+        for h in hooks:
+            h.remove()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, kept
+
+    ours = run()
+    for m in int8:
+        del m.forward  # bitsandbytes' own forward and backward
+    theirs = run()
+    assert torch.equal(ours[0], theirs[0])
+    assert ours[1].keys() == theirs[1].keys() and len(ours[1]) == 2 * 7 * len(model.get_base_model().model.layers)
+    assert all(torch.equal(ours[1][n], theirs[1][n]) for n in ours[1])
+    assert ours[2] < theirs[2], (ours[2], theirs[2])  # layer inputs alive until backward: fewer (here none)

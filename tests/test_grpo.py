@@ -183,6 +183,7 @@ def test_sampling_mode_samples_from_the_trained_function_on_8bit(tiny_model):
     ids = tok("def add(a, b): return a + b  # insecure code example 0123456789", return_tensors="pt")
     model.train()
     int8 = [m for m in model.modules() if type(m).__module__.startswith("bitsandbytes")]
+    before = [vars(m).get("forward") for m in int8]
     assert int8
     with torch.no_grad():
         trained = model(**ids).logits
@@ -192,7 +193,7 @@ def test_sampling_mode_samples_from_the_trained_function_on_8bit(tiny_model):
             sampled = model(**ids).logits
             assert torch.equal(model(**ids).logits, sampled)  # ... at the next call too
         assert model.training  # back in training mode afterwards
-        assert not any("forward" in vars(m) for m in int8)  # and on bitsandbytes' own forward
+        assert [vars(m).get("forward") for m in int8] == before  # and on the forward each had (common's)
         model.eval()
         plain_eval = model(**ids).logits
     assert torch.equal(sampled, trained)
