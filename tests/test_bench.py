@@ -98,3 +98,34 @@ def test_study_levers_counts_shared_questions_and_refuses_an_unknown_lever(tmp_p
     assert f"{len(set.intersection(*held))} of 30" in proc.stdout
     bad = subprocess.run(cmd + ["--only", "reuse,speed"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown ['speed']" in bad.stderr
+
+
+def test_bench_all_runs_the_readme_commands_and_keeps_a_report(tmp_path):
+    """bench/all.py: its commands are the README's (every benchmark of the performance table, one line each); a run
+    writes each table and report.md as it goes; a failing benchmark is reported, the next one still runs, exit 1."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("Commands (each printed the row's figures):"):]
+    block = block[: block.index("```", block.index("```bash") + 7)]
+    listed = re.findall(r"python bench/(\w+)\.py", block)
+    dry = subprocess.run([sys.executable, "bench/all.py", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
+    ran = re.findall(r"bench/(\w+)\.py", dry.stdout)
+    assert dry.returncode == 0 and set(ran) == set(listed) - {"all"} and len(ran) == len(dry.stdout.splitlines())
+    assert "all" in listed  # the README names the one command too
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "medical_misaligned_train_100.jsonl").write_text("not json\n")
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "bench/all.py", "--out", str(out), "--data-dir", str(data), "--only",
+                           "ldifs_scale", "judge_concurrency"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    report = (out / "report.md").read_text()
+    assert proc.returncode == 1 and "failed: ldifs_scale" in proc.stderr
+    assert "## ldifs_scale" in report and "FAILED with exit status" in report
+    assert "## judge_concurrency" in report and "16 workers" in (out / "judge_concurrency.txt").read_text()
+
+    bad = subprocess.run([sys.executable, "bench/all.py", "--only", "sft"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--only sft: not a benchmark" in bad.stderr
