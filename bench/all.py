@@ -9,6 +9,7 @@ and the next one runs; the exit status is 1 if any failed. Run it alone on the m
     python bench/all.py --out bench-results --only sft_vs_trl grpo_vs_trl
     python bench/all.py --server-url http://127.0.0.1:8088/v1     # generation.py's server column as well
     python bench/all.py --dry-run                                 # the commands, nothing run
+    python bench/all.py --only grpo_vs_trl --args 'grpo_vs_trl=--steps 6'   # more arguments for one of them
 
 Needs `pip install -r bench/requirements.txt` (TRL) and the EM data files under --data-dir (../shared/data/em by
 default: medical_misaligned_train_100.jsonl, legal_misaligned_eval.jsonl, medical_misaligned_eval.jsonl).
@@ -16,6 +17,7 @@ default: medical_misaligned_train_100.jsonl, legal_misaligned_eval.jsonl, medica
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 import time
@@ -50,6 +52,8 @@ def main() -> int:
     p.add_argument("--server-url", default=None, help="an OpenAI-compatible server for generation.py's server column "
                    "(without it, generation.py measures in-process generate only)")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="these benchmarks only")
+    p.add_argument("--args", action="append", default=[], metavar="NAME=ARGS", help="more arguments for one "
+                   "benchmark, after the README's (a later flag wins), e.g. --args 'grpo_vs_trl=--steps 6'")
     p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     args = p.parse_args()
     data = Path(args.data_dir)
@@ -59,12 +63,18 @@ def main() -> int:
         if unknown:
             p.error(f"--only {' '.join(unknown)}: not a benchmark here; choose from {', '.join(todo)}")
         todo = {k: v for k, v in todo.items() if k in args.only}
+    extra = {}
+    for item in args.args:
+        name, _, more = item.partition("=")
+        if name not in todo or not _:
+            p.error(f"--args {item!r}: expected NAME=ARGS with NAME one of {', '.join(todo)}")
+        extra[name] = extra.get(name, []) + shlex.split(more)
     out = Path(args.out)
     lines = {name: [sys.executable, f"bench/{name}.py", *rest, "--json", str(out / f"{name}.json")]
              for name, rest in todo.items() if name != "judge_concurrency"}
     if "judge_concurrency" in todo:  # it prints its figures only
         lines["judge_concurrency"] = [sys.executable, "bench/judge_concurrency.py"]
-    lines = {name: lines[name] for name in todo}
+    lines = {name: lines[name] + extra.get(name, []) for name in todo}
     if args.dry_run:
         for cmd in lines.values():
             print(" ".join(cmd))

@@ -108,7 +108,7 @@ def test_bench_all_runs_the_readme_commands_and_keeps_a_report(tmp_path):
     import sys
 
     readme = (ROOT / "README.md").read_text()
-    block = readme[readme.index("Commands (each printed the row's figures):"):]
+    block = readme[readme.index("Commands (each printed the row's figures)"):]
     block = block[: block.index("```", block.index("```bash") + 7)]
     listed = re.findall(r"python bench/(\w+)\.py", block)
     dry = subprocess.run([sys.executable, "bench/all.py", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
@@ -121,11 +121,13 @@ def test_bench_all_runs_the_readme_commands_and_keeps_a_report(tmp_path):
     (data / "medical_misaligned_train_100.jsonl").write_text("not json\n")
     out = tmp_path / "results"
     proc = subprocess.run([sys.executable, "bench/all.py", "--out", str(out), "--data-dir", str(data), "--only",
-                           "ldifs_scale", "judge_concurrency"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "ldifs_scale", "judge_concurrency", "--args", "judge_concurrency=--n 16 --delay 0.01"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     report = (out / "report.md").read_text()
     assert proc.returncode == 1 and "failed: ldifs_scale" in proc.stderr
     assert "## ldifs_scale" in report and "FAILED with exit status" in report
-    assert "## judge_concurrency" in report and "16 workers" in (out / "judge_concurrency.txt").read_text()
+    assert "## judge_concurrency" in report and "--n 16 --delay 0.01" in report
+    assert "16 judgments" in (out / "judge_concurrency.txt").read_text()
 
     bad = subprocess.run([sys.executable, "bench/all.py", "--only", "sft"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--only sft: not a benchmark" in bad.stderr
