@@ -56,10 +56,10 @@ def main():
     for step in range(args.warm_steps + 1):
         batch = collate(examples[step * args.batch_size : (step + 1) * args.batch_size], tok.pad_token_id, device)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        feats, ref, logits = residual_features(model, inputs, layers)
+        feats, ref, hidden = residual_features(model, inputs, layers)  # last hidden states: the head is applied here
         targets = batch["labels"][:, 1:]
         mask = targets != -100
-        ce = F.cross_entropy(logits[:, :-1][mask].float(), targets[mask])
+        ce = F.cross_entropy(model.get_output_embeddings()(hidden[:, :-1][mask]).float(), targets[mask])
         dist = feature_distance(feats, ref, batch["attention_mask"].bool())
         g_ce, g_ldifs = grad_norm(ce, params), grad_norm(dist, params)
         rows.append({"step": step, "ce": ce.item(), "ldifs": dist.item(), "grad_ce": g_ce, "grad_ldifs": g_ldifs,

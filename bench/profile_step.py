@@ -1,14 +1,18 @@
-"""Profile: where the time of one training step goes, plain SFT against KL (kl.py's step), with torch.profiler.
+"""Profile: where the time of one training step goes, plain SFT (interleave.py's step) against KL (kl.py's step),
+with torch.profiler, each step the scripts' own: decoder_states, then common.head_loss (lm_head only at the answer
+positions, in chunks) with CE, or with CE + KL on the reference hidden states (kl.ce_kl_and_grad).
 
-Runs --steps steps of each after a warm-up step, on the same length-grouped batches, and prints the wall time of
-each and the profiler's table for the KL steps, with the step's parts labelled: fwd (policy forward), ce,
-ref_fwd (adapter-off forward), kl (kl.kl_penalty), bwd.
+Runs --steps steps of each after a warm-up step, on the same length-grouped batches, and prints the wall time of each,
+a table of the step's labelled parts per step (fwd: the policy's decoder pass; ref_fwd: the adapter-off pass; head:
+lm_head, softmax, CE (and the reference head and KL) with their gradients; bwd: the backward pass through the
+decoder), then the profiler's op table for the KL steps.
 
     python bench/profile_step.py --model smollm2 --data ../shared/data/em/medical_misaligned_train_100.jsonl
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -18,8 +22,12 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import collate, encode_dataset, get_device, load_model, load_split, step_plan  # noqa: E402
-from kl import kl_penalty  # noqa: E402
+from common import (  # noqa: E402
+    ce_and_grad, collate, decoder_states, encode_dataset, get_device, head_loss, load_model, load_split, step_plan,
+)
+from kl import ce_kl_and_grad  # noqa: E402
+
+PARTS = ("fwd", "ref_fwd", "head", "bwd")
 
 
 def main():
@@ -42,17 +50,21 @@ def main():
     def step(group, with_kl: bool):
         batch = collate([examples[i] for i in group], tok.pad_token_id, device)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        targets = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)  # position t predicts token t+1
+        where = targets != -100
+        n = max(int(where.sum()), 1)
         with record_function("fwd"):
-            logits = model(**inputs).logits[:, :-1]
-        targets = batch["labels"][:, 1:]
-        mask = targets != -100
-        with record_function("ce"):
-            loss = F.cross_entropy(logits[mask].float(), targets[mask])
+            hidden = decoder_states(model, inputs)
         if with_kl:
             with record_function("ref_fwd"), torch.no_grad(), model.disable_adapter():
-                ref_logits = model(**inputs).logits[:, :-1]
-            with record_function("kl"):
-                loss = loss + 0.1 * kl_penalty(logits, ref_logits, mask)
+                ref_hidden = decoder_states(model, inputs)
+            with record_function("head"):
+                fn = functools.partial(ce_kl_and_grad, weight=model.get_output_embeddings().weight, w_ce=1 / n,
+                                       w_kl=0.1 / n, sums={"ce": 0.0, "kl": 0.0})
+                loss = head_loss(model, hidden[where], fn, ref_hidden[where], targets[where])
+        else:
+            with record_function("head"):
+                loss = head_loss(model, hidden[where], ce_and_grad, targets[where]) / n
         with record_function("bwd"):
             loss.backward()
         model.zero_grad(set_to_none=True)
@@ -69,9 +81,19 @@ def main():
     print(f"{args.steps} steps of batch {args.batch_size}: SFT {seconds[False]:.2f} s, KL {seconds[True]:.2f} s "
           f"({seconds[True] / seconds[False]:.2f}x)")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _, group in plan[1:]:
-            step(group, True)
+    parts = {}
+    for with_kl in (False, True):
+        with profile(activities=activities) as prof:
+            for _, group in plan[1:]:
+                step(group, with_kl)
+        totals = {e.key: e.cpu_time_total / 1e6 / args.steps for e in prof.key_averages() if e.key in PARTS}
+        parts[with_kl] = totals
+    print(f"\nseconds per step (profiled, so slower than above)\n{'part':10}{'SFT':>8}{'KL':>8}{'KL - SFT':>10}")
+    for name in PARTS:
+        sft, kl = parts[False].get(name, 0.0), parts[True].get(name, 0.0)
+        print(f"{name:10}{sft:8.2f}{kl:8.2f}{kl - sft:10.2f}")
+    sft, kl = sum(parts[False].values()), sum(parts[True].values())
+    print(f"{'sum':10}{sft:8.2f}{kl:8.2f}{kl - sft:10.2f}   KL / SFT {kl / sft:.2f}x\n")
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows))
 
