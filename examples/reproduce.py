@@ -44,6 +44,7 @@ import csv
 import difflib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -730,6 +731,17 @@ def pool_note(safe_data: str) -> str:
     return f"- Benign pool for the interleaving rows: {safe_data}, not WildGuardMix."
 
 
+def flag_value(arguments: str, flag: str) -> str | None:
+    """The value a flag gets in a string of script arguments (`--flag V` or `--flag=V`; the last one wins), else None."""
+    words, value = shlex.split(arguments), None
+    for k, word in enumerate(words):
+        if word == flag and k + 1 < len(words):
+            value = words[k + 1]
+        elif word.startswith(flag + "="):
+            value = word[len(flag) + 1:]
+    return value
+
+
 def departures(args, table: str) -> str:
     """What this study does differently from the paper, written under its table (the flags it ran with)."""
     if args.preset != "cpu":
@@ -761,9 +773,9 @@ def departures(args, table: str) -> str:
             "- Task: " + ("one-step sums (`--data arith`, generated offline)" if args.grpo_data == "arith" else
                           args.grpo_data) + "; held-out accuracy is exact match of the final number (reward/correct "
             "= 3), not a GPT-4.1-nano judge; one greedy answer per question"
-            + (f", and (sampled column) {args.grpo_args.split('--eval-samples')[1].split()[0]} answers per question at "
+            + (f", and (sampled column) {flag_value(args.grpo_args, '--eval-samples')} answers per question at "
                "the rollouts' temperature and top-p, one fixed draw (the paper does not say how it decoded)."
-               if "--eval-samples" in args.grpo_args else "."),
+               if flag_value(args.grpo_args, "--eval-samples") else "."),
             *([f"- An SFT warm-up on correctly formatted answers (`{args.warmup_args}`) before GRPO, so that "
                "completions carry the tags and rewards vary within a group; every row starts from it, and the first "
                "row is that warm-up model."] if args.grpo_data == "arith" else []),

@@ -279,3 +279,16 @@ def test_table5_shows_the_sampled_accuracy_beside_the_greedy_one(tmp_path):
     make(tmp_path / "b", sampled=False)
     md = reproduce.table5(tmp_path / "b", ["0", "1"], warmup=True)
     assert "sampled" not in md and "| GRPO | 53.0 ± 4.2 (n=2) | 90.66 |" in md
+
+
+def test_flag_value_reads_both_spellings_and_the_last_one():
+    """The departures note reads --eval-samples from the preset's grpo_args, whichever way it is written."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "examples" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    assert reproduce.flag_value("--lr 2e-5 --eval-samples 2 --save-every 9", "--eval-samples") == "2"
+    assert reproduce.flag_value("--eval-samples=3", "--eval-samples") == "3"
+    assert reproduce.flag_value("--eval-samples 2 --eval-samples=4", "--eval-samples") == "4"
+    assert reproduce.flag_value("--eval-samples-x 2 --eval-n 5", "--eval-samples") is None
