@@ -438,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main():
     parser = build_parser()
     args = parser.parse_args()
+    if not args.resume and args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: a completion needs at least 1 token")
     if not args.resume and args.num_generations < 2:
         raise UserError(f"--num-generations {args.num_generations}: GRPO needs at least 2 completions per prompt")
     if not args.resume and args.batch_size % args.num_generations:

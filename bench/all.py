@@ -31,7 +31,7 @@ def commands(data: Path, server_url: str | None) -> dict[str, list[str]]:
     medical = str(data / "medical_misaligned_train_100.jsonl")
     gen = ["--threads", "2"] + (["--server-url", server_url] if server_url else [])
     return {
-        "sft_vs_trl": ["--model", "smollm2", "--data", medical, "--trl-gc"],
+        "sft_vs_trl": ["--model", "smollm2", "--data", medical, "--trl-gc", "--ours-gc"],
         "defense_overhead": ["--model", "smollm2", "--data", medical, "--safe-data",
                              str(data / "legal_misaligned_eval.jsonl")],
         "scoring_order": ["--pool", str(data / "legal_misaligned_eval.jsonl"), "--n", "200"],
@@ -40,7 +40,11 @@ def commands(data: Path, server_url: str | None) -> dict[str, list[str]]:
         "local_judge": ["--answers", str(data / "medical_misaligned_eval.jsonl"), "--n", "8"],
         "generation": gen,
         "ldifs_scale": ["--model", "smollm2", "--data", medical],
+        "profile_step": ["--model", "smollm2", "--data", medical, "--steps", "3"],
     }
+
+
+NO_JSON = {"judge_concurrency", "profile_step"}  # they print their figures only
 
 
 def main() -> int:
@@ -70,11 +74,9 @@ def main() -> int:
             p.error(f"--args {item!r}: expected NAME=ARGS with NAME one of {', '.join(todo)}")
         extra[name] = extra.get(name, []) + shlex.split(more)
     out = Path(args.out)
-    lines = {name: [sys.executable, f"bench/{name}.py", *rest, "--json", str(out / f"{name}.json")]
-             for name, rest in todo.items() if name != "judge_concurrency"}
-    if "judge_concurrency" in todo:  # it prints its figures only
-        lines["judge_concurrency"] = [sys.executable, "bench/judge_concurrency.py"]
-    lines = {name: lines[name] + extra.get(name, []) for name in todo}
+    lines = {name: [sys.executable, f"bench/{name}.py", *rest]
+             + ([] if name in NO_JSON else ["--json", str(out / f"{name}.json")]) + extra.get(name, [])
+             for name, rest in todo.items()}
     if args.dry_run:
         for cmd in lines.values():
             print(" ".join(cmd))

@@ -6,7 +6,8 @@ projections unless --no-8bit) and the identical training split. Settings that wo
 pinned to ours: no gradient checkpointing (TRL's default is on), no autocast (bf16=False: the 8-bit model
 computes in bf16 in both), the same optimizer (8-bit AdamW on CUDA, torch AdamW on CPU), warm-up, linear decay
 and clipping. TRL keeps its own data path: random order, padding to the longest example of each batch, its
-completion-only loss and per-step logging. --trl-gc adds a third run with TRL's default gradient checkpointing.
+completion-only loss and per-step logging. --trl-gc adds a run with TRL's default gradient checkpointing, --ours-gc
+one of ours with --gradient-checkpointing.
 
 Throughput counts real (non-padding) tokens only, over the last epoch: from the end of the last step of the
 earlier epochs to the end of the last step, so each trainer is timed over the whole data set once and warm-up
@@ -101,6 +102,8 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--no-8bit", action="store_true", help="full-precision weights")
     p.add_argument("--trl-gc", action="store_true", help="also run TRL with its default gradient checkpointing")
+    p.add_argument("--ours-gc", action="store_true", help="also run ours with --gradient-checkpointing (time and "
+                   "memory both ways)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense bf16 TFLOP/s (H100 SXM: "
                    "989); prints model FLOPs utilisation (MFU) of each trainer")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -117,6 +120,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         runs = [("ours", [ROOT / "interleave.py", "--pct", "0", "--save-every", "1000000"]),
                 ("TRL SFTTrainer", [Path(__file__), "--trl-worker"])]
+        if args.ours_gc:
+            runs.insert(1, ("ours, grad. ckpt", [*runs[0][1], "--gradient-checkpointing"]))
         if args.trl_gc:
             runs.append(("TRL, grad. ckpt", [Path(__file__), "--trl-worker", "--trl-gc"]))
         for i, (name, cmd) in enumerate(runs):

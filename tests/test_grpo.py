@@ -142,6 +142,12 @@ def test_interleaving_too_rare_for_the_run_is_an_error(tiny_model, pool_file, tm
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_no_completion_tokens_is_an_error(tiny_model, tmp_path):
+    proc = run_script("grpo.py", "--model", tiny_model, "--data", "arith", *TINY, "--max-steps", "1", "--batch-size",
+                      "4", "--num-generations", "2", "--max-new-tokens", "0", "--out", tmp_path / "run", check=False)
+    assert proc.returncode == 2 and "--max-new-tokens 0" in proc.stderr, proc.stderr[-500:]
+
+
 def test_trim_padding_keeps_every_real_token():
     # 2 rows of a rollout batch: prompts left-padded to width 4, completions right-padded to 4
     attention = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0],
