@@ -143,16 +143,19 @@ def load_model(name: str, *, eight_bit: bool = True, lora_r: int = 32, lora_alph
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    for module in model.modules():  # frozen 8-bit layers keep no input for backward (_FrozenInt8Linear)
-        if type(module).__name__ == "Linear8bitLt" and type(module).__module__.startswith("bitsandbytes"):
+    for module in model.modules():  # frozen 8-bit layers keep no input (on CUDA also outlier columns) for backward
+        if type(module).__module__.startswith("bitsandbytes") and type(module).__name__ == "Linear8bitLt":
             module.forward = functools.partial(_int8_forward, module)
     return wrap_lora(model, lora_r, lora_alpha, adapter, trainable), tok
 
 
+def int8_weight(layer, dtype: torch.dtype) -> torch.Tensor:
+    """A frozen bitsandbytes Linear8bitLt's weight as bitsandbytes' CPU matmul and its backward make it: CB * SCB / 127."""
+    return layer.state.CB.to(dtype, copy=True).mul_(layer.state.SCB.unsqueeze(1).mul(1.0 / 127.0))
+
+
 class _FrozenInt8Linear(torch.autograd.Function):
-    """bitsandbytes' 8-bit linear minus its saved input: bitsandbytes keeps each layer's input (on CUDA also its outlier
-    columns) until backward, which for a frozen int8 weight reads only the weight. Backward is bitsandbytes' formula
-    (MatMul8bitLt and MatMul8bitFp alike): grad_x = grad_out @ (CB * SCB / 127)."""
+    """bitsandbytes' 8-bit forward minus its saved input, never read by its backward (grad_out @ int8_weight) here."""
 
     @staticmethod
     def forward(ctx, x, layer):
@@ -161,14 +164,11 @@ class _FrozenInt8Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        state = ctx.layer.state
-        weight = state.CB.to(ctx.dtype, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))
-        return torch.matmul(grad.reshape(-1, grad.shape[-1]).to(ctx.dtype), weight).view(ctx.shape), None
+        grad = grad.reshape(-1, grad.shape[-1]).to(ctx.dtype)
+        return torch.matmul(grad, int8_weight(ctx.layer, ctx.dtype)).view(ctx.shape), None
 
 
 def _int8_forward(layer, x):
-    if layer.weight.CB is not None:
-        layer.init_8bit_state()  # as bitsandbytes' forward does first: the int8 weight and scales move to .state
     if torch.is_grad_enabled() and x.requires_grad and not layer.weight.requires_grad and not layer.state.has_fp16_weights:
         return _FrozenInt8Linear.apply(x, layer)
     return type(layer).forward(layer, x)

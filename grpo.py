@@ -49,8 +49,8 @@ import torch
 
 from common import (
     Progress, Run, UserError, add_common_args, ce_and_grad, collate, decoder_blocks, decoder_states, die_on_user_error,
-    encode_dataset, get_device, head_loss, linear_schedule, load_conversations, load_model, log, make_optimizer,
-    peak_memory_mb, render_chat, set_seed, split_train_eval, trainable_parameters,
+    encode_dataset, get_device, head_loss, int8_weight, linear_schedule, load_conversations, load_model, log,
+    make_optimizer, peak_memory_mb, render_chat, set_seed, split_train_eval, trainable_parameters,
 )
 
 # The two defenses that come from other method scripts, copied here on purpose (a method file imports no other
@@ -257,19 +257,19 @@ def sampling_mode(model):
 
 def _dequantise_once(layer):
     """A forward for a frozen bitsandbytes Linear8bitLt on the CPU in training mode, where bitsandbytes (0.4x-0.5x,
-    MatMul8bitFp) computes linear(x, CB.to(x.dtype) * (SCB / 127), bias): the same, with the dequantised weight
-    made on the first call and kept. Anything else (trainable int8 weights, another device) goes to bitsandbytes."""
+    MatMul8bitFp) computes linear(x, common.int8_weight(layer, x.dtype), bias): the same, with that weight made on
+    the first call and kept. Anything else (trainable int8 weights, another device) goes to bitsandbytes."""
     kept = {}
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not layer.training or layer.state.has_fp16_weights or x.device.type != "cpu":
             return type(layer).forward(layer, x)
         if layer.weight.CB is not None:
-            layer.init_8bit_state()
+            layer.init_8bit_state()  # as bitsandbytes' forward does first: the int8 weight and scales move to .state
         if layer.bias is not None and layer.bias.dtype != x.dtype:
             layer.bias.data = layer.bias.data.to(x.dtype)  # as bitsandbytes' forward does
         if x.dtype not in kept:
-            kept[x.dtype] = layer.state.CB.to(x.dtype).mul_(layer.state.SCB.unsqueeze(1).mul(1.0 / 127.0))
+            kept[x.dtype] = int8_weight(layer, x.dtype)
         return torch.nn.functional.linear(x, kept[x.dtype], layer.bias)
 
     return forward

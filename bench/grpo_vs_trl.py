@@ -108,8 +108,9 @@ def main():
     args = p.parse_args()
     ours_args = ["--model", args.model, "--data", args.data, "--max-steps", args.steps, "--batch-size", args.batch_size,
                  "--grad-accum", args.grad_accum, "--num-generations", args.num_generations, "--max-new-tokens",
-                 args.max_new_tokens, "--min-new-tokens", args.max_new_tokens, "--n-train", args.n_train, "--lr", args.lr, "--lora-r", args.lora_r, "--lora-alpha",
-                 args.lora_alpha, "--seed", args.seed, "--eval-n", "0", "--save-every", "1000000"]
+                 args.max_new_tokens, "--min-new-tokens", args.max_new_tokens, "--n-train", args.n_train, "--lr",
+                 args.lr, "--lora-r", args.lora_r, "--lora-alpha", args.lora_alpha, "--seed", args.seed, "--eval-n", "0",
+                 "--save-every", "1000000"]
     ours_args = [str(a) for a in ours_args] + (["--no-8bit"] if args.no_8bit else [])
     if args.worker == "ours":
         return ours_worker(args, ours_args + ["--out", args.out])

@@ -449,8 +449,6 @@ def emit_slurm(jobs: list[Job], path: Path, args) -> None:
     groups: dict[tuple[int, bool], list[Job]] = {}
     for j in jobs:
         groups.setdefault((depth[j.name], j.needs_device), []).append(j)
-    import shlex
-
     lines = ["#!/bin/bash", "# Slurm job arrays for examples/reproduce.py's plan (written by --emit slurm).",
              f"# Submit with: bash {path.name}   (from any folder; logs under {Path(args.root) / 'logs'})",
              "# Edit the sbatch options below (partition, time, account) for your cluster.",
