@@ -205,9 +205,17 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
 # --- Logits only where a loss needs them: over every position they are the step's largest tensor ---------------------
 def decoder_states(model, batch: dict) -> torch.Tensor:
     """(B, T, H) last hidden states (after the final norm) of a (PEFT-wrapped) causal LM, without its lm_head: apply
-    the head (`model.get_output_embeddings()`, or `head_loss` in chunks) only where a loss needs it."""
+    the head (`model.get_output_embeddings()`, or `head_loss` in chunks) only where a loss needs it. On the CPU a
+    training pass ends by handing the heap's free pages back to the OS (glibc's malloc_trim): glibc keeps the pass's
+    freed temporaries in holes between the saved activations, and a run's peak RSS crept ~1 GB above its live tensors."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    hidden = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    if _MALLOC_TRIM and torch.is_grad_enabled() and hidden.last_hidden_state.device.type == "cpu":
+        _MALLOC_TRIM(0)  # ~0.1 s a call here (~6% of the step with the page faults after it); saves 0.5-1.5 GB of RSS
+    return hidden.last_hidden_state
+
+
+_MALLOC_TRIM = getattr(__import__("ctypes").CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None  # glibc
 
 
 class _HeadLoss(torch.autograd.Function):
@@ -248,11 +256,8 @@ def ce_and_grad(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, t
 def read_text_file(path: str | Path) -> str:
     """A UTF-8 text file's content; one-line errors for a missing file, a folder, or bytes that are not UTF-8
     (naming the line and the byte offset)."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserError(f"{path}: a folder, not a file")
+    if not (path := Path(path)).is_file():
+        raise UserError(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
     data = path.read_bytes()
     try:
         return data.decode("utf-8")
@@ -489,19 +494,15 @@ def linear_schedule(optimizer, warmup: int, total: int):
 
 # --- Run folder: args.json, env.json, method.json, metrics.jsonl, checkpoints, resume --------------------------------
 def environment_info() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import distributions
 
-    def ver(p):
-        try:
-            return version(p)
-        except PackageNotFoundError:
-            return None
+    installed = {(d.metadata["Name"] or "").lower(): d.version for d in distributions()}
     try:  # the code's revision, "-dirty" with uncommitted changes
         git = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=Path(__file__).resolve()
                              .parent, capture_output=True, text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         git = None
-    return {"versions": {p: ver(p) for p in ("torch", "transformers", "peft", "bitsandbytes", "numpy", "datasets")},
+    return {"versions": {p: installed.get(p) for p in ("torch", "transformers", "peft", "bitsandbytes", "numpy", "datasets")},
             "python": platform.python_version(), "git_revision": git, "command": sys.argv,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -660,9 +661,8 @@ _NEW_RUN_FOLDERS: list[Path] = []
 
 def check_training_args(args: argparse.Namespace) -> None:
     """One-line errors for impossible values of the shared training flags."""
-    rules = [("lr", lambda v: v > 0, "> 0"), ("max_grad_norm", lambda v: v > 0, "> 0"),
-             ("warmup_steps", lambda v: v >= 0, ">= 0"), ("max_steps", lambda v: v >= 1 or v == -1,
-                                                          ">= 1 (or -1, the default, for --epochs)")]
+    rules = [("lr", lambda v: v > 0, "> 0"), ("max_grad_norm", lambda v: v > 0, "> 0"), ("warmup_steps", lambda v: v >= 0,
+             ">= 0"), ("max_steps", lambda v: v >= 1 or v == -1, ">= 1 (or -1, the default, for --epochs)")]
     rules += [(f, lambda v: v >= 1, ">= 1") for f in ("batch_size", "grad_accum", "max_len", "save_every", "epochs")]
     for flag, ok, rule in rules:
         if hasattr(args, flag) and not ok(getattr(args, flag)):

@@ -67,6 +67,24 @@ def test_decoder_states_are_the_hidden_states_before_lm_head(lora):
         assert torch.allclose(model.get_output_embeddings()(states), out.logits, atol=1e-5)
 
 
+def test_a_cpu_training_pass_hands_freed_heap_memory_back(lora, monkeypatch):
+    """decoder_states calls glibc's malloc_trim once after a pass that records a graph, never under no_grad (a
+    reference pass), and its outputs are the same either way."""
+    import platform
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert common._MALLOC_TRIM is not None  # the real one is found where the benchmarks run
+    model, _, batch = lora
+    calls = []
+    monkeypatch.setattr(common, "_MALLOC_TRIM", lambda pad: calls.append(pad))
+    with torch.no_grad():
+        reference = decoder_states(model, batch)
+    assert calls == []
+    states = decoder_states(model, batch)
+    assert calls == [0] and states.requires_grad
+    assert torch.equal(states.detach(), reference)
+
+
 def test_sft_ce_the_scripts_compute_equals_the_full_logits_path(lora):
     """interleave, inoculate, persona, caft, ldifs, npo retention and grpo's interleaving all compute this CE."""
     model, _, batch = lora
