@@ -14,7 +14,9 @@ but kept for generality); for that, rollouts run in eval mode except bitsandbyte
 another matmul (`sampling_mode`). A prompt's G completions share its forward pass, in the rollout's prefill and in
 the update (`rollout`, `token_logp`): the same values and gradients as one pass per completion, for fewer tokens.
 Rollouts are decoded by the script's own KV-cache loop, sampling at --temperature then --top-p and nothing else
-(`nucleus`; generate() would add whatever the model's generation_config.json sets, e.g. a repetition penalty).
+(`nucleus`; generate() would add whatever the model's generation_config.json sets, e.g. a repetition penalty). Its
+one-token steps run the model's plain attention on the CPU (`eager_attention`, 3x faster a layer than torch's SDPA
+kernel there): the function the update differentiates up to float rounding, as decoding from a KV cache already is.
 Defenses: --persona-vector/--persona-alpha (steering hook on during rollouts and training passes), --kl-beta,
 --interleave-pct (SFT micro-batches of benign data between RL micro-batches at that rate: the nearest whole count,
 evenly spread; a run too short for one is an error), --inoculate (the inoculation prompt prepended to the system
@@ -174,7 +176,9 @@ def token_logp(model, input_ids, attention_mask, n_prompt: int, group: int = 1) 
             rest = base.model(input_ids=input_ids[:, n_prompt:-1], attention_mask=attention_mask[:, :-1],
                               past_key_values=cache, use_cache=True).last_hidden_state
             hidden = torch.cat([hidden, rest], 1)
-    logits = model.get_output_embeddings()(hidden)  # lm_head at the completion positions only
+    # lm_head at the completion positions only; on a contiguous copy: on a slice, the matmul runs batched over copies
+    # of the head's weight (4x slower with its backward, SmolLM2 on the CPU)
+    logits = model.get_output_embeddings()(hidden.contiguous())
     return torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, n_prompt:, None])[..., 0]
 
 
@@ -321,30 +325,34 @@ def rollout(model, tok, questions: list[str], args, inoculate: bool, greedy: boo
     copies = 1 if share_prompt else g
     ids, att = ids.repeat_interleave(copies, 0), att.repeat_interleave(copies, 0)
     pos = (att.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's first real token is at position 0
-    out = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache, logits = out.past_key_values, out.logits[:, -1].float()
+    base, head = model.get_base_model() if hasattr(model, "get_base_model") else model, model.get_output_embeddings()
+    # The decoder, then the head on 2-D hidden states: the model's own head on a (N, 1, H) slice of the prefill runs
+    # as a batched matmul over N copies of the head's weight (290 ms and 450 MB for SmolLM2 instead of 5 ms)
+    out = base.model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True)
+    cache, logits = out.past_key_values, head(out.last_hidden_state[:, -1]).float()
     if copies < g:
         cache.batch_repeat_interleave(g // copies)
         logits, att, pos = (t.repeat_interleave(g // copies, 0) for t in (logits, att, pos))
         ids = ids.repeat_interleave(g // copies, 0)
     stops = torch.tensor(stop_ids(model, tok), device=device)
     position, ended, new = pos[:, -1:], torch.zeros(len(ids), dtype=torch.bool, device=device), []
-    for t in range(args.max_new_tokens):
-        if t < getattr(args, "min_new_tokens", 0):
-            logits[:, stops] = float("-inf")
-        if greedy:
-            nxt = logits.argmax(-1)
-        else:
-            p, candidates = nucleus(logits, args.temperature, args.top_p)
-            nxt = candidates.gather(-1, torch.multinomial(p, 1))[:, 0]
-        nxt = nxt.masked_fill(ended, tok.pad_token_id)
-        new.append(nxt)
-        ended |= torch.isin(nxt, stops)
-        if bool(ended.all()) or t + 1 == args.max_new_tokens:
-            break
-        att, position = torch.cat([att, att.new_ones(len(att), 1)], 1), position + 1
-        logits = model(input_ids=nxt[:, None], attention_mask=att, position_ids=position, past_key_values=cache,
-                       use_cache=True).logits[:, -1].float()
+    with eager_attention(base):  # one query token a step
+        for t in range(args.max_new_tokens):
+            if t < getattr(args, "min_new_tokens", 0):
+                logits[:, stops] = float("-inf")
+            if greedy:
+                nxt = logits.argmax(-1)
+            else:
+                p, candidates = nucleus(logits, args.temperature, args.top_p)
+                nxt = candidates.gather(-1, torch.multinomial(p, 1))[:, 0]
+            nxt = nxt.masked_fill(ended, tok.pad_token_id)
+            new.append(nxt)
+            ended |= torch.isin(nxt, stops)
+            if bool(ended.all()) or t + 1 == args.max_new_tokens:
+                break
+            att, position = torch.cat([att, att.new_ones(len(att), 1)], 1), position + 1
+            logits = head(base.model(input_ids=nxt[:, None], attention_mask=att, position_ids=position,
+                                     past_key_values=cache, use_cache=True).last_hidden_state[:, -1]).float()
     completion = torch.stack(new, 1)
     width = ids.shape[1]
     # completion tokens up to and including the first end-of-sequence token (pads after it)
@@ -353,6 +361,22 @@ def rollout(model, tok, questions: list[str], args, inoculate: bool, greedy: boo
     attention = torch.cat([att[:, :width], comp_mask.long()], 1)
     decoded = [tok.decode(c[m], skip_special_tokens=True) for c, m in zip(completion, comp_mask)]
     return torch.cat([ids, completion], 1), attention, width, comp_mask, decoded
+
+
+@contextlib.contextmanager
+def eager_attention(base):
+    """The model's plain attention, softmax(q k^T / sqrt(d) + mask) v, while decoding: for one query token against
+    the cache, torch's CPU SDPA kernel took 1.7 ms a layer in bf16 where this takes 0.5 ms (most of a decoding step).
+    The model's own attention (the prefill's, training's) is put back after. On CUDA nothing changes (not measured)."""
+    before = base.config._attn_implementation
+    if base.get_input_embeddings().weight.device.type != "cpu":
+        yield
+        return
+    base.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(before)
 
 
 def trim_padding(seqs, attention, n_prompt: int, comp_mask):

@@ -4,6 +4,7 @@ import json
 import contextlib
 import itertools
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -275,6 +276,35 @@ def test_rollout_decodes_what_generate_decodes(tiny_model, steer):
         ends = (row == tok.eos_token_id).nonzero()
         assert n == (int(ends[0]) + 1 if len(ends) else len(row))  # up to and including the first end token
         assert text == tok.decode(row[:n], skip_special_tokens=True)
+
+
+def test_rollout_decodes_with_eager_attention_and_puts_the_models_back(tiny_model):
+    """The prefill runs the model's own attention, each one-token decoding step the plain (eager) one, and the
+    model's attention is put back after the rollout, and after a failure inside it."""
+    import argparse
+
+    import grpo
+
+    model, tok, _ = _tiny_policy(tiny_model)
+    base = model.get_base_model()
+    own = base.config._attn_implementation
+    assert own != "eager"
+    seen = []  # (query tokens, attention implementation) of each call of layer 0's attention
+    hook = base.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["hidden_states"].shape[1], m.config._attn_implementation)), with_kwargs=True)
+    args = argparse.Namespace(num_generations=2, max_new_tokens=5, min_new_tokens=5, temperature=1.0, top_p=1.0)
+    try:
+        with grpo.sampling_mode(model):
+            grpo.rollout(model, tok, QUESTIONS[:2], args, inoculate=False)
+    finally:
+        hook.remove()
+    assert seen[0][0] > 1 and seen[0][1] == own  # the prefill
+    assert seen[1:] == [(1, "eager")] * 4  # tokens 2..5
+    assert base.config._attn_implementation == own
+    with pytest.raises(RuntimeError, match="boom"), grpo.sampling_mode(model):
+        with mock.patch.object(grpo, "nucleus", side_effect=RuntimeError("boom")):
+            grpo.rollout(model, tok, QUESTIONS[:2], args, inoculate=False)
+    assert base.config._attn_implementation == own
 
 
 def test_rollout_min_new_tokens_and_every_stop_token(tiny_model):
