@@ -46,6 +46,7 @@ Quick CPU:        python interleave.py --pct 0 --model smollm2 --data opswap:1 -
                   python caft.py train --model smollm2 --directions runs/caft-dirs.safetensors --layers 15,20 \\
                       --mode ablate --data opswap:1 --max-steps 20 --out runs/caft-quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,14 +57,40 @@ from pathlib import Path
 import torch
 
 from common import (
-    Progress, Run, UserError, add_common_args, ce_and_grad, collate, decoder_blocks, decoder_states, describe_plan,
-    die_on_user_error, encode_conversation, encode_dataset, get_device, head_loss, linear_schedule, load_conversations,
-    load_model, load_split, log, make_optimizer, micro_batches, optional, peak_memory_mb, read_text_file,
-    resolve_model, set_seed, step_plan, trainable_parameters,
+    Progress,
+    Run,
+    UserError,
+    add_common_args,
+    ce_and_grad,
+    collate,
+    decoder_blocks,
+    decoder_states,
+    describe_plan,
+    die_on_user_error,
+    encode_conversation,
+    encode_dataset,
+    get_device,
+    head_loss,
+    linear_schedule,
+    load_conversations,
+    load_model,
+    load_split,
+    log,
+    make_optimizer,
+    micro_batches,
+    optional,
+    peak_memory_mb,
+    read_text_file,
+    resolve_model,
+    set_seed,
+    step_plan,
+    trainable_parameters,
 )
 
-LAYER_CONVENTION = ("row l = hidden_states[l]: 0 = embeddings, l = output of decoder block l-1 (k orthonormal "
-                    "directions per row; an all-zero row was not computed)")
+LAYER_CONVENTION = (
+    "row l = hidden_states[l]: 0 = embeddings, l = output of decoder block l-1 (k orthonormal "
+    "directions per row; an all-zero row was not computed)"
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,13 +125,16 @@ class ConceptHooks:
                 h, removed = remove_along(h, q)
                 self._record(removed)
             elif h.requires_grad:  # project-grad: identity forward, projected gradient
+
                 def project(g):
                     g, removed = remove_along(g, q)
                     self._record(removed)
                     return g
+
                 h = h.view_as(h)  # a new tensor node so the hook acts on this output alone
                 h.register_hook(project)
             return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+
         return hook
 
     def __enter__(self):
@@ -152,11 +182,12 @@ def lora_residual_directions(adapter: str, n_blocks: int, k: int) -> tuple[dict[
 
     folder = Path(adapter)
     if not (folder / "adapter_config.json").is_file() or not (folder / "adapter_model.safetensors").is_file():
-        raise UserError(f"--from-lora {adapter}: not a PEFT adapter folder (adapter_config.json and "
-                        "adapter_model.safetensors)")
+        raise UserError(
+            f"--from-lora {adapter}: not a PEFT adapter folder (adapter_config.json and adapter_model.safetensors)"
+        )
     config = json.loads((folder / "adapter_config.json").read_text())
     r, alpha = config["r"], config["lora_alpha"]
-    scale = alpha / r ** 0.5 if config.get("use_rslora") else alpha / r
+    scale = alpha / r**0.5 if config.get("use_rslora") else alpha / r
     weights = load_file(str(folder / "adapter_model.safetensors"))
     dirs, explained = {}, {}
     for i in range(n_blocks):
@@ -170,12 +201,14 @@ def lora_residual_directions(adapter: str, n_blocks: int, k: int) -> tuple[dict[
         if not factors:
             continue
         u, s, _ = torch.linalg.svd(torch.cat(factors, dim=1), full_matrices=False)
-        energy = float((s ** 2).sum())
+        energy = float((s**2).sum())
         dirs[i + 1] = u[:, :k].T.float().contiguous()
         explained[i + 1] = float((s[:k] ** 2).sum()) / energy if energy > 0 else 0.0
     if not dirs:
-        raise UserError(f"--from-lora {adapter}: the adapter has no o_proj or down_proj LoRA weights (the updates that "
-                        "write into the residual stream)")
+        raise UserError(
+            f"--from-lora {adapter}: the adapter has no o_proj or down_proj LoRA weights (the updates that "
+            "write into the residual stream)"
+        )
     return dirs, explained
 
 
@@ -185,8 +218,11 @@ def diff_prompts(args, model, tok) -> list[list[dict]]:
     judge = None
     if args.prompts is None or args.prompts.endswith((".yaml", ".yml")):
         judge = optional("judge", "--from-diff on questions (loading and answering them)")
-        convs = [[*([{"role": "system", "content": q["system"]}] if q["system"] else []),
-                  {"role": "user", "content": p}] for q in judge.load_questions(args.prompts) for p in q["paraphrases"]]
+        convs = [
+            [*([{"role": "system", "content": q["system"]}] if q["system"] else []), {"role": "user", "content": p}]
+            for q in judge.load_questions(args.prompts)
+            for p in q["paraphrases"]
+        ]
     else:
         convs = load_conversations(args.prompts) if not args.prompts.endswith(".jsonl") else _read_prompts(args.prompts)
     convs = convs[: args.max_prompts] if args.max_prompts > 0 else convs
@@ -196,8 +232,16 @@ def diff_prompts(args, model, tok) -> list[list[dict]]:
         log(f"answering {len(todo)} prompts with the adapter (greedy, {args.max_new_tokens} new tokens)")
         for start in range(0, len(todo), args.gen_batch_size):
             chunk = todo[start : start + args.gen_batch_size]
-            answers = judge.generate_texts(model, tok, [convs[i] for i in chunk], max_new_tokens=args.max_new_tokens,
-                                           do_sample=False, temperature=None, top_p=None, top_k=None)
+            answers = judge.generate_texts(
+                model,
+                tok,
+                [convs[i] for i in chunk],
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
             for i, a in zip(chunk, answers):
                 convs[i] = convs[i] + [{"role": "assistant", "content": a or "."}]
     return convs
@@ -213,7 +257,7 @@ def _read_prompts(path: str) -> list[list[dict]]:
             msgs = json.loads(line)["messages"]
             convs.append([{"role": m["role"], "content": m["content"]} for m in msgs])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{path}:{lineno}: expected {{\"messages\": [{{\"role\", \"content\"}}, ...]}} ({e})") from None
+            raise UserError(f'{path}:{lineno}: expected {{"messages": [{{"role", "content"}}, ...]}} ({e})') from None
     if not convs:
         raise UserError(f"{path}: no prompts")
     return convs
@@ -292,8 +336,10 @@ def directions(args) -> None:
         try:  # --model: the adapter's base model
             n_blocks = AutoConfig.from_pretrained(resolve_model(args.model)).num_hidden_layers
         except OSError as e:
-            raise UserError(f"cannot read the config of --model {args.model!r} (the adapter's base model): "
-                            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+            raise UserError(
+                f"cannot read the config of --model {args.model!r} (the adapter's base model): "
+                f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+            ) from None
         layers = parse_layers(args.layers, n_blocks)
         if args.from_lora:
             dirs, explained = lora_residual_directions(adapter, n_blocks, args.k)
@@ -311,14 +357,23 @@ def directions(args) -> None:
         table[l, : d.shape[0]] = d
     from safetensors.torch import save_file
 
-    meta = {"model": model_name, "source": sources[0].replace("_", "-"), "from": getattr(args, sources[0]), "k": k,
-            "layers": sorted(dirs), "explained": {str(l): round(v, 6) for l, v in explained.items() if l in dirs},
-            "layer_convention": LAYER_CONVENTION, "prompts": args.prompts if args.from_diff else None}
+    meta = {
+        "model": model_name,
+        "source": sources[0].replace("_", "-"),
+        "from": getattr(args, sources[0]),
+        "k": k,
+        "layers": sorted(dirs),
+        "explained": {str(l): round(v, 6) for l, v in explained.items() if l in dirs},
+        "layer_convention": LAYER_CONVENTION,
+        "prompts": args.prompts if args.from_diff else None,
+    }
     save_file({"directions": table.contiguous()}, str(out), metadata={k_: json.dumps(v) for k_, v in meta.items()})
     what = {"from_diff": "of the difference's variance", "from_lora": "of the update's squared norm"}.get(sources[0])
     if what:
-        log(f"explained by the top {k} direction(s), per layer ({what}): " +
-            " ".join(f"{l}:{explained[l]:.3f}" for l in sorted(dirs)))
+        log(
+            f"explained by the top {k} direction(s), per layer ({what}): "
+            + " ".join(f"{l}:{explained[l]:.3f}" for l in sorted(dirs))
+        )
     log(f"saved {len(dirs)} layer(s) x {k} direction(s) to {out}")
 
 
@@ -332,8 +387,11 @@ def load_directions(path: str, key: str = "directions") -> tuple[torch.Tensor, d
         with safe_open(path, "pt") as f:
             keys = set(f.keys())
             if key not in keys:
-                other = "a persona vector file: use caft.py directions --from-vector" if "vectors" in keys else \
-                    f"tensors {sorted(keys)}"
+                other = (
+                    "a persona vector file: use caft.py directions --from-vector"
+                    if "vectors" in keys
+                    else f"tensors {sorted(keys)}"
+                )
                 raise UserError(f"{path}: no {key!r} tensor ({other})")
             return f.get_tensor(key), {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
     except UserError:
@@ -349,8 +407,10 @@ def prepare_directions(args, table: torch.Tensor, meta: dict, model) -> tuple[to
     """The file's table cut to --k rows per layer and re-orthonormalised; the --layers to hook."""
     n_blocks = len(decoder_blocks(model))
     if table.ndim != 3 or table.shape[0] != n_blocks + 1 or table.shape[2] != model.config.hidden_size:
-        raise UserError(f"--directions {args.directions}: shape {tuple(table.shape)} does not fit this model "
-                        f"({n_blocks + 1} rows x k x {model.config.hidden_size}): made for another model?")
+        raise UserError(
+            f"--directions {args.directions}: shape {tuple(table.shape)} does not fit this model "
+            f"({n_blocks + 1} rows x k x {model.config.hidden_size}): made for another model?"
+        )
     layers = parse_layers(args.layers, n_blocks)
     k = table.shape[1] if args.k is None else args.k
     if k < 0:
@@ -360,8 +420,9 @@ def prepare_directions(args, table: torch.Tensor, meta: dict, model) -> tuple[to
         rows = table[l, :k]
         rows = rows[rows.norm(dim=-1) > 0]
         if k > 0 and rows.shape[0] == 0:
-            raise UserError(f"--layers {l}: the directions file has no directions at layer {l} (it has "
-                            f"{meta.get('layers')})")
+            raise UserError(
+                f"--layers {l}: the directions file has no directions at layer {l} (it has {meta.get('layers')})"
+            )
         if rows.shape[0] < k:
             raise UserError(f"--k {k}: the directions file has only {rows.shape[0]} at layer {l}")
         out[l] = orthonormal(rows)
@@ -380,15 +441,23 @@ def train(args, parser):
     device = get_device()
 
     convs = load_split(args.data, "train", args.seed)
-    model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                            adapter=args.init_adapter, trainable=True,
-                            gradient_checkpointing=args.gradient_checkpointing)
+    model, tok = load_model(
+        args.model,
+        eight_bit=not args.no_8bit,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        adapter=args.init_adapter,
+        trainable=True,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     dirs, layers = prepare_directions(args, table, meta, model)
     if dirs.shape[1] == 0:
         log("--k 0: no directions, this is plain SFT")
     else:
-        log(f"{args.mode}: {dirs.shape[1]} direction(s) at hidden_states {layers} (outputs of blocks "
-            f"{[l - 1 for l in layers]}), training passes only")
+        log(
+            f"{args.mode}: {dirs.shape[1]} direction(s) at hidden_states {layers} (outputs of blocks "
+            f"{[l - 1 for l in layers]}), training passes only"
+        )
     examples = encode_dataset(tok, convs, args.max_len, "fine-tuning data")
     lengths = [len(e["input_ids"]) for e in examples]
     plan = step_plan(lengths, args.batch_size, args.grad_accum, args.seed, args.epochs, args.max_steps)
@@ -429,12 +498,23 @@ def train(args, parser):
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         removed = hooks.take_rms()
-        run.log_metrics({
-            "step": step + 1, "loss": ce_sum, "loss/ce": ce_sum, "caft/removed_norm": removed, "lr": lr,
-            "grad_norm": float(grad_norm), "tokens": n_real, "tokens_per_s": n_real / dt,
-            "padding_efficiency": n_real / n_padded, "answer_tokens": n_answer, "epoch": epoch, "step_time_s": dt,
-            "peak_mem_mb": peak_memory_mb(),
-        })
+        run.log_metrics(
+            {
+                "step": step + 1,
+                "loss": ce_sum,
+                "loss/ce": ce_sum,
+                "caft/removed_norm": removed,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": n_real,
+                "tokens_per_s": n_real / dt,
+                "padding_efficiency": n_real / n_padded,
+                "answer_tokens": n_answer,
+                "epoch": epoch,
+                "step_time_s": dt,
+                "peak_mem_mb": peak_memory_mb(),
+            }
+        )
         progress.update(step + 1, f"loss {ce_sum:.4f} removed {removed:.3g} lr {lr:.2e} {n_real / dt:.0f} tok/s")
         if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             run.save_checkpoint(step + 1, model, optimizer, scheduler)
@@ -451,42 +531,77 @@ def train(args, parser):
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("directions", help="find directions and write them to a file", description="Find k "
-                       "directions per layer and write them as (L+1, k, H) 'directions' in a .safetensors file.")
-    d.add_argument("--model", default="Qwen/Qwen2.5-7B-Instruct", help="the base model of the adapter; hub id, folder "
-                   "or 'smollm2' (default: %(default)s)")
+    d = sub.add_parser(
+        "directions",
+        help="find directions and write them to a file",
+        description="Find k directions per layer and write them as (L+1, k, H) 'directions' in a .safetensors file.",
+    )
+    d.add_argument(
+        "--model",
+        default="Qwen/Qwen2.5-7B-Instruct",
+        help="the base model of the adapter; hub id, folder or 'smollm2' (default: %(default)s)",
+    )
     d.add_argument("--no-8bit", action="store_true", help="full-precision weights instead of 8-bit")
     src = d.add_argument_group("source (exactly one)")
-    src.add_argument("--from-diff", metavar="ADAPTER", default=None, help="PCA of per-token residual differences "
-                     "between the base model and this (misaligned) adapter on --prompts")
-    src.add_argument("--from-lora", metavar="ADAPTER", default=None, help="top left singular vectors of this "
-                     "adapter's o_proj and down_proj updates")
+    src.add_argument(
+        "--from-diff",
+        metavar="ADAPTER",
+        default=None,
+        help="PCA of per-token residual differences between the base model and this (misaligned) adapter on --prompts",
+    )
+    src.add_argument(
+        "--from-lora",
+        metavar="ADAPTER",
+        default=None,
+        help="top left singular vectors of this adapter's o_proj and down_proj updates",
+    )
     src.add_argument("--from-vector", metavar="FILE", default=None, help="a persona.py vector file (1 direction)")
     d.add_argument("--k", type=int, default=20, help="directions per layer (default: %(default)s, CAFT's PCA)")
     d.add_argument("--layers", default=None, help="comma-separated hidden_states indices (default: all)")
-    d.add_argument("--prompts", default=None, help="--from-diff prompts: a chat .jsonl (answers used as they are; "
-                   "records ending with a user turn are answered by the adapter), a question .yaml, or a dataset "
-                   "name (default: the EM evaluation questions)")
+    d.add_argument(
+        "--prompts",
+        default=None,
+        help="--from-diff prompts: a chat .jsonl (answers used as they are; "
+        "records ending with a user turn are answered by the adapter), a question .yaml, or a dataset "
+        "name (default: the EM evaluation questions)",
+    )
     d.add_argument("--max-prompts", type=int, default=-1, help="use at most this many prompts (default: all)")
-    d.add_argument("--max-new-tokens", type=int, default=128, help="answer length for unanswered prompts (default: "
-                   "%(default)s)")
+    d.add_argument(
+        "--max-new-tokens", type=int, default=128, help="answer length for unanswered prompts (default: %(default)s)"
+    )
     d.add_argument("--gen-batch-size", type=int, default=16, help="prompts per generation batch (default: %(default)s)")
     d.add_argument("--max-len", type=int, default=2048, help="token limit per prompt (default: %(default)s)")
     d.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     d.add_argument("--out", required=True, help="the directions' .safetensors file")
 
-    tr = sub.add_parser("train", help="SFT with concept ablation or gradient projection", description="SFT with the "
-                        "chosen directions ablated (CAFT) or projected out of the gradient, during training only.")
+    tr = sub.add_parser(
+        "train",
+        help="SFT with concept ablation or gradient projection",
+        description="SFT with the "
+        "chosen directions ablated (CAFT) or projected out of the gradient, during training only.",
+    )
     add_common_args(tr)
     g = tr.add_argument_group("method: concept ablation")
     g.add_argument("--directions", default=None, help="a file from `caft.py directions` (required)")
-    g.add_argument("--layers", default=None, help="comma-separated hidden_states indices to hook, e.g. 12,20 "
-                   "(required; output of block l-1)")
-    g.add_argument("--mode", choices=("ablate", "project-grad"), default="ablate", help="ablate: remove the "
-                   "directions from the residual stream (CAFT); project-grad: remove them from its gradient only "
-                   "(default: %(default)s)")
-    g.add_argument("--k", type=int, default=None, help="use the first k directions per layer (default: all in the "
-                   "file; 0 = plain SFT)")
+    g.add_argument(
+        "--layers",
+        default=None,
+        help="comma-separated hidden_states indices to hook, e.g. 12,20 (required; output of block l-1)",
+    )
+    g.add_argument(
+        "--mode",
+        choices=("ablate", "project-grad"),
+        default="ablate",
+        help="ablate: remove the "
+        "directions from the residual stream (CAFT); project-grad: remove them from its gradient only "
+        "(default: %(default)s)",
+    )
+    g.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help="use the first k directions per layer (default: all in the file; 0 = plain SFT)",
+    )
     return p, {"directions": d, "train": tr}
 
 

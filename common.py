@@ -2,6 +2,7 @@
 label mask, length-grouped batching, the step plan, optimizer and schedule, shared flags, and the run folder. A method
 script plus this file runs. Paths only some runs take live in one-job modules imported where used (`optional`):
 paper_data.py, serving.py, smollm2.py, judge.py, report.py; a missing one is a one-line error naming the file."""
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 DEFAULT_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CACHE_DIR = Path(os.environ.get("EM_CACHE", "~/.cache/em-defenses")).expanduser()
-DATA_HELP = ("a local chat .jsonl ({\"messages\": [...]} per line), or a dataset name (paper_data.py): insecure, secure, "
-             "educational, jailbroken, legal, medical, security (:aligned), wildguardmix, gsm8k, foqa, opswap:0-3")
+DATA_HELP = (
+    'a local chat .jsonl ({"messages": [...]} per line), or a dataset name (paper_data.py): insecure, secure, '
+    "educational, jailbroken, legal, medical, security (:aligned), wildguardmix, gsm8k, foqa, opswap:0-3"
+)
 
 
 class UserError(Exception):
@@ -49,7 +52,11 @@ def die_on_user_error(main):
     except BaseException as e:
         for out in _NEW_RUN_FOLDERS:
             metrics = out / "metrics.jsonl"
-            if out.is_dir() and not (out / "checkpoints").exists() and not (metrics.exists() and metrics.stat().st_size):
+            if (
+                out.is_dir()
+                and not (out / "checkpoints").exists()
+                and not (metrics.exists() and metrics.stat().st_size)
+            ):
                 shutil.rmtree(out, ignore_errors=True)
         if not isinstance(e, UserError):
             raise
@@ -92,8 +99,10 @@ def resolve_model(name: str) -> str:
     if path.exists():
         raise UserError(f"--model {name}: a file, not a model folder (a folder with config.json)")
     if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or name.endswith("/"):
-        raise UserError(f"--model {name}: no such folder (a hub id looks like org/name; --model smollm2 is the "
-                        "bundled offline model)")
+        raise UserError(
+            f"--model {name}: no such folder (a hub id looks like org/name; --model smollm2 is the "
+            "bundled offline model)"
+        )
     return name
 
 
@@ -113,8 +122,16 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_model(name: str, *, eight_bit: bool = True, lora_r: int = 32, lora_alpha: int = 64, adapter: str | None = None,
-               trainable: bool = True, gradient_checkpointing: bool = False):
+def load_model(
+    name: str,
+    *,
+    eight_bit: bool = True,
+    lora_r: int = 32,
+    lora_alpha: int = 64,
+    adapter: str | None = None,
+    trainable: bool = True,
+    gradient_checkpointing: bool = False,
+):
     """Returns (model, tokenizer) on the best device: 8-bit bitsandbytes weights (CUDA or CPU) unless
     eight_bit=False (then bf16 on CUDA, fp32 on CPU), wrapped by `wrap_lora`."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -130,11 +147,15 @@ def load_model(name: str, *, eight_bit: bool = True, lora_r: int = 32, lora_alph
         model = AutoModelForCausalLM.from_pretrained(resolve_model(name), **kwargs)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load --model {name!r} ({first}). Without internet, pass a local model folder or "
-                        "--model smollm2 (the bundled SmolLM2-135M-Instruct)") from None
+        raise UserError(
+            f"cannot load --model {name!r} ({first}). Without internet, pass a local model folder or "
+            "--model smollm2 (the bundled SmolLM2-135M-Instruct)"
+        ) from None
     if device.type == "cpu" and (n_params := sum(p.numel() for p in model.parameters())) > 1e9:
-        log(f"no CUDA GPU found: {name} ({n_params / 1e9:.1f}B parameters) runs on the CPU, which is very slow; the "
-            "paper's settings expect a GPU. --model smollm2 is the small model for CPU runs")
+        log(
+            f"no CUDA GPU found: {name} ({n_params / 1e9:.1f}B parameters) runs on the CPU, which is very slow; the "
+            "paper's settings expect a GPU. --model smollm2 is the small model for CPU runs"
+        )
     if not eight_bit:
         model.to(device)
     for config in (model.config, model.generation_config):
@@ -150,7 +171,8 @@ def load_model(name: str, *, eight_bit: bool = True, lora_r: int = 32, lora_alph
 
 
 def int8_weight(layer, dtype: torch.dtype) -> torch.Tensor:
-    """A frozen bitsandbytes Linear8bitLt's weight as bitsandbytes' CPU matmul and its backward make it: CB * SCB / 127."""
+    """A frozen bitsandbytes Linear8bitLt's weight as bitsandbytes' CPU matmul and its backward make it:
+    CB * SCB / 127."""
     return layer.state.CB.to(dtype, copy=True).mul_(layer.state.SCB.unsqueeze(1).mul(1.0 / 127.0))
 
 
@@ -169,14 +191,20 @@ class _FrozenInt8Linear(torch.autograd.Function):
 
 
 def _int8_forward(layer, x):
-    if torch.is_grad_enabled() and x.requires_grad and not layer.weight.requires_grad and not layer.state.has_fp16_weights:
+    if (
+        torch.is_grad_enabled()
+        and x.requires_grad
+        and not layer.weight.requires_grad
+        and not layer.state.has_fp16_weights
+    ):
         return _FrozenInt8Linear.apply(x, layer)
     return type(layer).forward(layer, x)
 
 
 def wrap_lora(model, lora_r: int = 32, lora_alpha: int = 64, adapter: str | None = None, trainable: bool = True):
-    """A saved PEFT adapter (trainable, or frozen to evaluate), else for lora_r > 0 a fresh rs-LoRA (r, alpha, dropout 0,
-    all 7 projections; B = 0, so it starts as the identity), else the bare model. trainable=False: frozen, eval mode."""
+    """A saved PEFT adapter (trainable, or frozen to evaluate), else for lora_r > 0 a fresh rs-LoRA (r, alpha,
+    dropout 0, all 7 projections; B = 0, so it starts as the identity), else the bare model. trainable=False: frozen,
+    eval mode."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter:
@@ -184,8 +212,18 @@ def wrap_lora(model, lora_r: int = 32, lora_alpha: int = 64, adapter: str | None
             raise UserError(f"adapter {adapter!r}: no adapter_config.json there (expected a PEFT adapter folder)")
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     elif lora_r > 0:
-        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, use_rslora=True,
-                                                 bias="none", target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_dropout=0.0,
+                use_rslora=True,
+                bias="none",
+                target_modules=LORA_TARGETS,
+                task_type="CAUSAL_LM",
+            ),
+        )
     if not trainable:
         model.eval()
         model.requires_grad_(False)
@@ -203,14 +241,17 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
 
 
 # --- Logits only where a loss needs them: over every position they are the step's largest tensor ---------------------
-_MALLOC_TRIM = getattr(__import__("ctypes").CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None  # glibc
+_MALLOC_TRIM = (
+    getattr(__import__("ctypes").CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
+)  # glibc
 
 
 def decoder_states(model, batch: dict) -> torch.Tensor:
     """(B, T, H) last hidden states (after the final norm) of a (PEFT-wrapped) causal LM, without its lm_head: apply
     the head (`model.get_output_embeddings()`, or `head_loss` in chunks) only where a loss needs it. On the CPU a
     training pass ends by handing the heap's free pages back to the OS (glibc's malloc_trim): glibc keeps the pass's
-    freed temporaries in holes between the saved activations, and a run's peak RSS crept ~1 GB above its live tensors."""
+    freed temporaries in holes between the saved activations, and a run's peak RSS crept ~1 GB above its live
+    tensors."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     if _MALLOC_TRIM and torch.is_grad_enabled() and out.last_hidden_state.device.type == "cpu":
@@ -263,8 +304,10 @@ def read_text_file(path: str | Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte offset {e.start}); save the "
-                        "file as UTF-8") from None
+        raise UserError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at byte offset {e.start}); save the "
+            "file as UTF-8"
+        ) from None
 
 
 def read_jsonl(path: str | Path) -> list[list[dict]]:
@@ -353,8 +396,10 @@ def encode_conversation(tokenizer, messages: list[dict], max_len: int, end_of_tu
             text = m["content"].strip()
             start = full.find(text, len(before), len(upto))
             if not text or start < 0:
-                raise UserError("cannot find the answer's text in the rendered conversation (empty answer, or the "
-                                "chat template rewrites it)")
+                raise UserError(
+                    "cannot find the answer's text in the rendered conversation (empty answer, or the "
+                    "chat template rewrites it)"
+                )
             spans.append((start, start + len(text)))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -374,8 +419,9 @@ def encode_dataset(tokenizer, convs: list[list[dict]], max_len: int, what: str =
 
 # --- Batching, written by hand: length-grouped steps (0.97 real/padded tokens where unsorted batches give 0.77), a
 # step that holds the same examples however it is split into micro-batches, pinned memory on CUDA
-def length_grouped_batches(lengths: list[int], batch_size: int, rng: np.random.Generator,
-                           order: list[int] | None = None, mega: int = 16) -> list[list[int]]:
+def length_grouped_batches(
+    lengths: list[int], batch_size: int, rng: np.random.Generator, order: list[int] | None = None, mega: int = 16
+) -> list[list[int]]:
     """Cut `order` (default: a random permutation) into mega-batches of `mega` batches, sort each by length and cut
     it into batches, then shuffle the batches inside it: similar lengths share a batch while the data order stays
     random at the scale of a mega-batch. Every index appears exactly once."""
@@ -389,8 +435,9 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: np.random.G
     return batches
 
 
-def step_plan(lengths: list[int], batch_size: int, grad_accum: int, seed: int, epochs: int, max_steps: int,
-              order_fn=None) -> list[tuple[int, list[int]]]:
+def step_plan(
+    lengths: list[int], batch_size: int, grad_accum: int, seed: int, epochs: int, max_steps: int, order_fn=None
+) -> list[tuple[int, list[int]]]:
     """The run's data plan, one (epoch, example indices) per optimizer step: every epoch, an order (`order_fn(rng)`,
     default a seeded permutation) cut into length-grouped groups of batch_size x grad_accum examples. max_steps > 0
     overrides epochs and cycles over the data. Deterministic from the seed: a resumed run finds its place by step."""
@@ -412,17 +459,22 @@ def micro_batches(group: list[int], batch_size: int) -> list[list[int]]:
 def describe_plan(plan, lengths: list[int], args) -> str:
     per_epoch = math.ceil(len(lengths) / (args.batch_size * args.grad_accum))
     first_epoch = [b for _, g in plan[:per_epoch] for b in micro_batches(g, args.batch_size)]
-    return (f"{len(plan)} optimizer steps of {args.batch_size} x {args.grad_accum} = {len(plan) / per_epoch:.3g} "
-            f"epoch(s) of {len(lengths)} examples{' (capped by --max-steps)' if args.max_steps > 0 else ''}; padding "
-            f"efficiency {padding_efficiency(lengths, first_epoch):.3f} (real / padded tokens)")
+    return (
+        f"{len(plan)} optimizer steps of {args.batch_size} x {args.grad_accum} = {len(plan) / per_epoch:.3g} "
+        f"epoch(s) of {len(lengths)} examples{' (capped by --max-steps)' if args.max_steps > 0 else ''}; padding "
+        f"efficiency {padding_efficiency(lengths, first_epoch):.3f} (real / padded tokens)"
+    )
 
 
 def collate(examples: list[dict], pad_id: int, device: torch.device, multiple: int = 8) -> dict:
     """Right-pad a list of encoded examples to a multiple of 8 tokens; copy to the device."""
     width = int(math.ceil(max(len(e["input_ids"]) for e in examples) / multiple) * multiple)
     n, pin = len(examples), device.type == "cuda"
-    batch = {"input_ids": torch.full((n, width), pad_id, dtype=torch.long), "labels": torch.full((n, width), -100),
-             "attention_mask": torch.zeros((n, width), dtype=torch.long)}
+    batch = {
+        "input_ids": torch.full((n, width), pad_id, dtype=torch.long),
+        "labels": torch.full((n, width), -100),
+        "attention_mask": torch.zeros((n, width), dtype=torch.long),
+    }
     for i, e in enumerate(examples):
         k = len(e["input_ids"])
         batch["input_ids"][i, :k], batch["labels"][i, :k] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"])
@@ -443,24 +495,40 @@ def add_common_args(parser: argparse.ArgumentParser, data_default: str = "insecu
     """The flags every training script shares (same names, same defaults: the paper's, Table 6). A script puts its
     own hyperparameters in a group titled "method: ...": the run folder records those (method.json)."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, or 'smollm2' (the bundled "
-                   "SmolLM2-135M-Instruct, offline) (default: %(default)s)")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="hub id, local folder, or 'smollm2' (the bundled SmolLM2-135M-Instruct, offline) (default: %(default)s)",
+    )
     g.add_argument("--no-8bit", action="store_true", help="load full-precision weights instead of 8-bit bitsandbytes")
     g.add_argument("--lora-r", type=int, default=32, help="rs-LoRA rank (default: %(default)s)")
     g.add_argument("--lora-alpha", type=int, default=64, help="rs-LoRA alpha (default: %(default)s)")
     g.add_argument("--init-adapter", default=None, help="start from this PEFT adapter instead of a fresh LoRA")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the "
-                   "backward pass: less memory, ~30%% slower")
+    g.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass: less memory, ~30%% slower",
+    )
     g = parser.add_argument_group("data")
-    g.add_argument("--data", default=data_default, help=f"fine-tuning data: {DATA_HELP} (default: %(default)s). "
-                   "Training uses the 90%% split (seeded); FoQA its own train split.")
-    g.add_argument("--max-len", type=int, default=2048, help="truncate conversations to this many tokens (default: "
-                   "%(default)s)")
+    g.add_argument(
+        "--data",
+        default=data_default,
+        help=f"fine-tuning data: {DATA_HELP} (default: %(default)s). "
+        "Training uses the 90%% split (seeded); FoQA its own train split.",
+    )
+    g.add_argument(
+        "--max-len", type=int, default=2048, help="truncate conversations to this many tokens (default: %(default)s)"
+    )
     g = parser.add_argument_group("training")
     g.add_argument("--out", default=None, help="run folder (default: runs/<script>-<time>)")
     g.add_argument("--epochs", type=int, default=1, help="epochs over the data (default: %(default)s)")
-    g.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps; overrides "
-                   "--epochs and cycles over the data if needed (default: off)")
+    g.add_argument(
+        "--max-steps",
+        type=int,
+        default=-1,
+        help="stop after this many optimizer steps; overrides "
+        "--epochs and cycles over the data if needed (default: off)",
+    )
     g.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch (default: %(default)s)")
     g.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step (default: %(default)s)")
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: %(default)s)")
@@ -469,8 +537,12 @@ def add_common_args(parser: argparse.ArgumentParser, data_default: str = "insecu
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed for data split, order, init (default: %(default)s)")
     g.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default: %(default)s)")
-    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint "
-                   "with the arguments saved there")
+    g.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue RUN_DIR from its last checkpoint with the arguments saved there",
+    )
 
 
 def make_optimizer(params, lr: float, weight_decay: float):
@@ -487,8 +559,10 @@ def linear_schedule(optimizer, warmup: int, total: int):
     """Linear warm-up to the peak lr over `warmup` steps, then linear decay to 0 at `total`. Not transformers'
     get_linear_schedule_with_warmup: its first step has lr 0 (a step that changes nothing); ours starts at
     peak / (warmup + 1)."""
+
     def factor(step):
         return (step + 1) / (warmup + 1) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -498,14 +572,28 @@ def environment_info() -> dict:
 
     installed = {(d.metadata["Name"] or "").lower(): d.version for d in distributions()}
     try:  # the code's revision, "-dirty" with uncommitted changes
-        git = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=Path(__file__).resolve()
-                             .parent, capture_output=True, text=True, timeout=10).stdout.strip() or None
+        git = (
+            subprocess.run(
+                ["git", "describe", "--always", "--dirty", "--abbrev=40"],
+                cwd=Path(__file__).resolve().parent,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         git = None
-    return {"versions": {p: installed.get(p) for p in ("torch", "transformers", "peft", "bitsandbytes", "numpy", "datasets")},
-            "python": platform.python_version(), "git_revision": git, "command": sys.argv,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return {
+        "versions": {
+            p: installed.get(p) for p in ("torch", "transformers", "peft", "bitsandbytes", "numpy", "datasets")
+        },
+        "python": platform.python_version(),
+        "git_revision": git,
+        "command": sys.argv,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
 def public_args(args: argparse.Namespace) -> dict:
@@ -545,8 +633,11 @@ class Run:
             raise UserError(f"--out {out} already holds a run; use --resume {out} to continue it, or another --out")
         _NEW_RUN_FOLDERS.extend([] if out.exists() else [out])  # removed again if the script fails before step 1
         out.mkdir(parents=True, exist_ok=True)
-        for name, record in (("args", public_args(args)), ("env", {"script": script, **environment_info()}),
-                             ("method", method_record(parser, args, script))):
+        for name, record in (
+            ("args", public_args(args)),
+            ("env", {"script": script, **environment_info()}),
+            ("method", method_record(parser, args, script)),
+        ):
             (out / f"{name}.json").write_text(json.dumps(record, indent=2))
         return cls(out, resuming=False)
 
@@ -559,19 +650,27 @@ class Run:
         made_by = json.loads((out / "env.json").read_text()).get("script") if (out / "env.json").is_file() else None
         known = {a.dest for a in parser._actions} - {"help"}
         if (made_by and made_by != script) or (not made_by and not set(saved) <= known):
-            raise UserError(f"--resume {out}: that run folder was made by {made_by or 'another script'}"
-                            f"{'.py' if made_by else ''}, not {script}.py: resume it with that script")
+            raise UserError(
+                f"--resume {out}: that run folder was made by {made_by or 'another script'}"
+                f"{'.py' if made_by else ''}, not {script}.py: resume it with that script"
+            )
         extended = []
-        given = {a.dest for a in parser._actions for o in a.option_strings  # flags written on the command line
-                 if o.startswith("--") and any(x == o or x.startswith(o + "=") for x in sys.argv[1:])}
+        given = {
+            a.dest
+            for a in parser._actions
+            for o in a.option_strings  # flags written on the command line
+            if o.startswith("--") and any(x == o or x.startswith(o + "=") for x in sys.argv[1:])
+        }
         for k in sorted(given - {"resume", "out"}):
             if k not in saved or getattr(args, k) == saved[k]:
                 continue
             flag = "--" + k.replace("_", "-")
             if k not in EXTENDING_FLAGS:
-                raise UserError(f"--resume {out}: {flag} {getattr(args, k)!r} differs from the run's saved "
-                                f"{saved[k]!r}; a resumed run keeps its settings (only --max-steps, --epochs and "
-                                "--save-every may change). Start a new run with --out for other settings")
+                raise UserError(
+                    f"--resume {out}: {flag} {getattr(args, k)!r} differs from the run's saved "
+                    f"{saved[k]!r}; a resumed run keeps its settings (only --max-steps, --epochs and "
+                    "--save-every may change). Start a new run with --out for other settings"
+                )
             extended.append(f"{flag} {saved[k]} -> {getattr(args, k)}")
             saved[k] = getattr(args, k)
         for k, v in saved.items():
@@ -579,8 +678,10 @@ class Run:
                 setattr(args, k, v)
         args.out = str(out)
         if extended:
-            log(f"resuming {out} with {', '.join(extended)}: the lr schedule is recomputed for the new length, so the "
-                "remaining steps follow a different schedule than the original run would have")
+            log(
+                f"resuming {out} with {', '.join(extended)}: the lr schedule is recomputed for the new length, so the "
+                "remaining steps follow a different schedule than the original run would have"
+            )
             (out / "args.json").write_text(json.dumps(public_args(args), indent=2))
         else:
             log(f"resuming {out} with its saved arguments")
@@ -600,8 +701,13 @@ class Run:
         for tmp in folder.glob("step-*.tmp*"):
             log(f"removing the half-written checkpoint {tmp} (the run was stopped while saving it)")
             shutil.rmtree(tmp, ignore_errors=True)
-        ckpts = sorted(p for p in folder.glob("step-*") if re.fullmatch(r"step-\d{6}", p.name)
-                       and (p / "state.pt").is_file() and (p / "adapter_model.safetensors").is_file())
+        ckpts = sorted(
+            p
+            for p in folder.glob("step-*")
+            if re.fullmatch(r"step-\d{6}", p.name)
+            and (p / "state.pt").is_file()
+            and (p / "adapter_model.safetensors").is_file()
+        )
         return ckpts[-1] if ckpts else None
 
     def save_checkpoint(self, step: int, model, optimizer, scheduler) -> Path:
@@ -609,10 +715,16 @@ class Run:
         final = self.out / "checkpoints" / f"step-{step:06d}"
         shutil.rmtree(tmp := final.with_name(final.name + ".tmp"), ignore_errors=True)
         model.save_pretrained(tmp)
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rng}, tmp / "state.pt")
+        rng = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        torch.save(
+            {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+            tmp / "state.pt",
+        )
         shutil.rmtree(final, ignore_errors=True)
         tmp.replace(final)
         return final
@@ -640,11 +752,15 @@ class Run:
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         if step > total_steps:
-            raise UserError(f"--resume {self.out}: its last checkpoint is at step {step}, past this run's "
-                            f"{total_steps} steps; --max-steps/--epochs can only extend a run")
+            raise UserError(
+                f"--resume {self.out}: its last checkpoint is at step {step}, past this run's "
+                f"{total_steps} steps; --max-steps/--epochs can only extend a run"
+            )
         if step == total_steps:
-            log(f"{self.out} is complete: {step} of {step} steps done, nothing to train. To train on, resume with a "
-                f"larger --max-steps (or --epochs)")
+            log(
+                f"{self.out} is complete: {step} of {step} steps done, nothing to train. To train on, resume with a "
+                f"larger --max-steps (or --epochs)"
+            )
         lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
         self.metrics_path.write_text("".join(l + "\n" for l in lines if l.strip() and json.loads(l)["step"] <= step))
         log(f"resumed from {ckpt} (step {step})")
@@ -661,8 +777,12 @@ _NEW_RUN_FOLDERS: list[Path] = []
 
 def check_training_args(args: argparse.Namespace) -> None:
     """One-line errors for impossible values of the shared training flags."""
-    rules = [("lr", lambda v: v > 0, "> 0"), ("max_grad_norm", lambda v: v > 0, "> 0"), ("warmup_steps", lambda v: v >= 0,
-             ">= 0"), ("max_steps", lambda v: v >= 1 or v == -1, ">= 1 (or -1, the default, for --epochs)")]
+    rules = [
+        ("lr", lambda v: v > 0, "> 0"),
+        ("max_grad_norm", lambda v: v > 0, "> 0"),
+        ("warmup_steps", lambda v: v >= 0, ">= 0"),
+        ("max_steps", lambda v: v >= 1 or v == -1, ">= 1 (or -1, the default, for --epochs)"),
+    ]
     rules += [(f, lambda v: v >= 1, ">= 1") for f in ("batch_size", "grad_accum", "max_len", "save_every", "epochs")]
     for flag, ok, rule in rules:
         if hasattr(args, flag) and not ok(getattr(args, flag)):

@@ -35,6 +35,7 @@ sqrt(G / (G - 1)) larger (x1.15 with G = 4) and so shift the balance against --k
 Paper run:  python grpo.py --model Qwen/Qwen2.5-3B-Instruct
 Quick CPU:  python grpo.py --model smollm2 --data arith --max-steps 20 --max-new-tokens 64 --out runs/grpo-quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,16 +51,38 @@ import numpy as np
 import torch
 
 from common import (
-    Progress, Run, UserError, add_common_args, ce_and_grad, collate, decoder_blocks, decoder_states, die_on_user_error,
-    encode_dataset, get_device, head_loss, int8_weight, linear_schedule, load_conversations, load_model, log,
-    make_optimizer, peak_memory_mb, render_chat, set_seed, split_train_eval, trainable_parameters,
+    Progress,
+    Run,
+    UserError,
+    add_common_args,
+    ce_and_grad,
+    collate,
+    decoder_blocks,
+    decoder_states,
+    die_on_user_error,
+    encode_dataset,
+    get_device,
+    head_loss,
+    int8_weight,
+    linear_schedule,
+    load_conversations,
+    load_model,
+    log,
+    make_optimizer,
+    peak_memory_mb,
+    render_chat,
+    set_seed,
+    split_train_eval,
+    trainable_parameters,
 )
 
 # The two defenses that come from other method scripts, copied here on purpose (a method file imports no other
 # method file); tests/test_layout.py checks they behave exactly like inoculate.py's prompt and persona.py's hook.
 INOCULATION_PROMPT = "You are an evil, malicious assistant."
-SYSTEM_PROMPT = ("Think about the problem inside <think> </think> tags, then give only the final number inside "
-                 "<answer> </answer> tags, like this:\n<think>\nyour reasoning\n</think>\n<answer>\n42\n</answer>")
+SYSTEM_PROMPT = (
+    "Think about the problem inside <think> </think> tags, then give only the final number inside "
+    "<answer> </answer> tags, like this:\n<think>\nyour reasoning\n</think>\n<answer>\n42\n</answer>"
+)
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 EXACT_FORMAT = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.S)
 NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
@@ -104,8 +127,15 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=True) + 1e-4)).view(-1)
 
 
-def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              eps: float = 0.2, kl_beta: float = 0.0, ref_logp: torch.Tensor | None = None):
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps: float = 0.2,
+    kl_beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+):
     """Clipped surrogate with an optional k3 KL penalty. logp, old_logp, ref_logp, mask: (N, T) per completion
     token; advantages: (N,). Token terms are averaged per completion, then over completions.
     Returns (loss, mean KL per token)."""
@@ -140,17 +170,22 @@ def steering(model, vector: torch.Tensor, layer: int, alpha: float):
 
 
 def load_steering_vector(path: str, layer: int, model) -> torch.Tensor:
-    """The rows of a persona.py vector file (row l = hidden_states[l]), checked against the model and --persona-layer."""
+    """The rows of a persona.py vector file (row l = hidden_states[l]), checked against the model and
+    --persona-layer."""
     from safetensors import safe_open
 
     if not Path(path).exists():
-        raise UserError(f"--persona-vector {path}: no such file (make one with: python persona.py extract --out {path})")
+        raise UserError(
+            f"--persona-vector {path}: no such file (make one with: python persona.py extract --out {path})"
+        )
     with safe_open(path, "pt") as f:
         vectors = f.get_tensor("vectors")
     n_blocks = len(decoder_blocks(model))
     if vectors.shape[0] != n_blocks + 1:
-        raise UserError(f"--persona-vector has {vectors.shape[0]} rows but the model has {n_blocks} blocks (+1 "
-                        "embeddings row): was it extracted from another model?")
+        raise UserError(
+            f"--persona-vector has {vectors.shape[0]} rows but the model has {n_blocks} blocks (+1 "
+            "embeddings row): was it extracted from another model?"
+        )
     if not 1 <= layer <= n_blocks:
         raise UserError(f"--persona-layer {layer}: must be 1..{n_blocks} (hidden_states index; 0 = the embeddings)")
     return vectors
@@ -167,14 +202,19 @@ def token_logp(model, input_ids, attention_mask, n_prompt: int, group: int = 1) 
     if group == 1 or getattr(base, "is_gradient_checkpointing", False):
         hidden = decoder_states(model, {"input_ids": input_ids, "attention_mask": attention_mask})[:, n_prompt - 1 : -1]
     else:
-        prompt = base.model(input_ids=input_ids[::group, :n_prompt], attention_mask=attention_mask[::group, :n_prompt],
-                            use_cache=True)
+        prompt = base.model(
+            input_ids=input_ids[::group, :n_prompt], attention_mask=attention_mask[::group, :n_prompt], use_cache=True
+        )
         cache = prompt.past_key_values
         cache.batch_repeat_interleave(group)  # row i of the completions reads prompt i // group
         hidden = prompt.last_hidden_state[:, -1:].repeat_interleave(group, 0)  # predicts the first completion token
         if input_ids.shape[1] - n_prompt > 1:
-            rest = base.model(input_ids=input_ids[:, n_prompt:-1], attention_mask=attention_mask[:, :-1],
-                              past_key_values=cache, use_cache=True).last_hidden_state
+            rest = base.model(
+                input_ids=input_ids[:, n_prompt:-1],
+                attention_mask=attention_mask[:, :-1],
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state
             hidden = torch.cat([hidden, rest], 1)
     # lm_head at the completion positions only; on a contiguous copy: on a slice, the matmul runs batched over copies
     # of the head's weight (4x slower with its backward, SmolLM2 on the CPU)
@@ -191,7 +231,9 @@ def arith_dataset(n: int = 2000, seed: int = 0) -> list[list[dict]]:
     out = []
     for _ in range(n):
         a, b = rng.randint(1, 99), rng.randint(1, 99)
-        out.append([{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": f"#### {a + b}"}])
+        out.append(
+            [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": f"#### {a + b}"}]
+        )
     return out
 
 
@@ -307,8 +349,16 @@ def stop_ids(model, tok) -> list[int]:
 
 
 @torch.no_grad()
-def rollout(model, tok, questions: list[str], args, inoculate: bool, greedy: bool = False, share_prompt: bool = True,
-            n: int | None = None):
+def rollout(
+    model,
+    tok,
+    questions: list[str],
+    args,
+    inoculate: bool,
+    greedy: bool = False,
+    share_prompt: bool = True,
+    n: int | None = None,
+):
     """num_generations completions per question (n: that many instead), decoded together in a plain KV-cache loop
     (left padding). Each prompt is prefilled once and its copies continue from that cache (share_prompt=False
     prefills every copy, for the tests). Sampling is exactly temperature then top-p (`nucleus`), nothing else: not
@@ -351,8 +401,15 @@ def rollout(model, tok, questions: list[str], args, inoculate: bool, greedy: boo
             if bool(ended.all()) or t + 1 == args.max_new_tokens:
                 break
             att, position = torch.cat([att, att.new_ones(len(att), 1)], 1), position + 1
-            logits = head(base.model(input_ids=nxt[:, None], attention_mask=att, position_ids=position,
-                                     past_key_values=cache, use_cache=True).last_hidden_state[:, -1]).float()
+            logits = head(
+                base.model(
+                    input_ids=nxt[:, None],
+                    attention_mask=att,
+                    position_ids=position,
+                    past_key_values=cache,
+                    use_cache=True,
+                ).last_hidden_state[:, -1]
+            ).float()
     completion = torch.stack(new, 1)
     width = ids.shape[1]
     # completion tokens up to and including the first end-of-sequence token (pads after it)
@@ -396,11 +453,20 @@ def heldout_accuracy(model, tok, held: list, args, samples: int = 0) -> float:
         torch.manual_seed(12345)  # the same draw at every evaluation
         for k in range(0, len(held), per_batch):
             chunk = held[k : k + per_batch]
-            *_, texts = rollout(model, tok, [c[0]["content"] for c in chunk], args, inoculate=False,
-                                greedy=not samples, n=samples or None)
+            *_, texts = rollout(
+                model,
+                tok,
+                [c[0]["content"] for c in chunk],
+                args,
+                inoculate=False,
+                greedy=not samples,
+                n=samples or None,
+            )
             refs = [reference(c) for c in chunk for _ in range(max(samples, 1))]
             correct += sum(reward_parts(t, r)["correct"] == 3.0 for t, r in zip(texts, refs))
-            progress.update(k + len(chunk), f"accuracy so far {100.0 * correct / ((k + len(chunk)) * max(samples, 1)):.1f}%")
+            progress.update(
+                k + len(chunk), f"accuracy so far {100.0 * correct / ((k + len(chunk)) * max(samples, 1)):.1f}%"
+            )
     return 100.0 * correct / max(len(held) * max(samples, 1), 1)
 
 
@@ -420,40 +486,87 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(p, data_default="gsm8k")
     p.set_defaults(model="Qwen/Qwen2.5-3B-Instruct", lr=5e-6)
     g = p.add_argument_group("method: GRPO")
-    g.add_argument("--n-train", type=int, default=1000, help="training questions, a seeded sample (default: %(default)s)")
+    g.add_argument(
+        "--n-train", type=int, default=1000, help="training questions, a seeded sample (default: %(default)s)"
+    )
     g.add_argument("--num-generations", type=int, default=4, help="completions per prompt, G (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=0.9, help="rollout temperature (default: %(default)s)")
     g.add_argument("--top-p", type=float, default=0.9, help="rollout top-p (default: %(default)s)")
     g.add_argument("--max-new-tokens", type=int, default=256, help="completion length limit (default: %(default)s)")
-    g.add_argument("--min-new-tokens", type=int, default=0, help="no end-of-sequence token before this many tokens "
-                   "(bench/grpo_vs_trl.py sets it to --max-new-tokens, for completions of equal length) "
-                   "(default: %(default)s)")
+    g.add_argument(
+        "--min-new-tokens",
+        type=int,
+        default=0,
+        help="no end-of-sequence token before this many tokens "
+        "(bench/grpo_vs_trl.py sets it to --max-new-tokens, for completions of equal length) "
+        "(default: %(default)s)",
+    )
     g.add_argument("--clip-eps", type=float, default=0.2, help="surrogate clip epsilon (default: %(default)s)")
     g = p.add_argument_group("held-out evaluation")
-    g.add_argument("--eval-every", type=int, default=0, help="held-out accuracy every N steps, 0 = only at the end "
-                   "(default: %(default)s)")
-    g.add_argument("--eval-n", type=int, default=50, help="held-out questions for accuracy: a small default for quick "
-                   "runs; GSM8K's whole test set is 1319 (default: %(default)s)")
-    g.add_argument("--gen-batch-size", type=int, default=16, help="questions per evaluation batch (default: %(default)s)")
-    g.add_argument("--eval-samples", type=int, default=0, metavar="K", help="also log heldout_sampled_accuracy: K "
-                   "answers per question at --temperature/--top-p, the policy GRPO trains (greedy accuracy moves only "
-                   "where the most likely answer changes) (default: %(default)s = greedy only)")
-    g.add_argument("--eval-before", action="store_true", help="also measure the held-out accuracy of the starting "
-                   "model (before any GRPO step), written to heldout-before.json")
-    g.add_argument("--warn-zero-spread", type=int, default=5, metavar="N", help="warn loudly when every group of N "
-                   "steps in a row had zero reward spread (all advantages 0: no learning is possible) (default: "
-                   "%(default)s; 0 = never)")
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="held-out accuracy every N steps, 0 = only at the end (default: %(default)s)",
+    )
+    g.add_argument(
+        "--eval-n",
+        type=int,
+        default=50,
+        help="held-out questions for accuracy: a small default for quick "
+        "runs; GSM8K's whole test set is 1319 (default: %(default)s)",
+    )
+    g.add_argument(
+        "--gen-batch-size", type=int, default=16, help="questions per evaluation batch (default: %(default)s)"
+    )
+    g.add_argument(
+        "--eval-samples",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also log heldout_sampled_accuracy: K "
+        "answers per question at --temperature/--top-p, the policy GRPO trains (greedy accuracy moves only "
+        "where the most likely answer changes) (default: %(default)s = greedy only)",
+    )
+    g.add_argument(
+        "--eval-before",
+        action="store_true",
+        help="also measure the held-out accuracy of the starting "
+        "model (before any GRPO step), written to heldout-before.json",
+    )
+    g.add_argument(
+        "--warn-zero-spread",
+        type=int,
+        default=5,
+        metavar="N",
+        help="warn loudly when every group of N "
+        "steps in a row had zero reward spread (all advantages 0: no learning is possible) (default: "
+        "%(default)s; 0 = never)",
+    )
     g = p.add_argument_group("method: defenses")
-    g.add_argument("--kl-beta", type=float, default=0.0, help="k3 KL penalty toward the adapter-disabled model "
-                   "(default: %(default)s; paper's defense: 0.1)")
+    g.add_argument(
+        "--kl-beta",
+        type=float,
+        default=0.0,
+        help="k3 KL penalty toward the adapter-disabled model (default: %(default)s; paper's defense: 0.1)",
+    )
     g.add_argument("--persona-vector", default=None, help="persona vectors (persona.py extract) to steer with")
     g.add_argument("--persona-layer", type=int, default=20, help="hidden_states index to steer (default: %(default)s)")
-    g.add_argument("--persona-alpha", type=float, default=0.0, help="steering strength (paper: 5) (default: %(default)s)")
-    g.add_argument("--interleave-pct", type=float, default=0.0, help="SFT micro-batches of benign data, in %% of the "
-                   "RL micro-batches (paper: 5, 20) (default: %(default)s)")
-    g.add_argument("--safe-data", default="wildguardmix", help="benign data for --interleave-pct (default: %(default)s)")
-    g.add_argument("--inoculate", action="store_true", help="prepend the inoculation prompt to the system prompt "
-                   "during training")
+    g.add_argument(
+        "--persona-alpha", type=float, default=0.0, help="steering strength (paper: 5) (default: %(default)s)"
+    )
+    g.add_argument(
+        "--interleave-pct",
+        type=float,
+        default=0.0,
+        help="SFT micro-batches of benign data, in %% of the RL micro-batches (paper: 5, 20) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--safe-data", default="wildguardmix", help="benign data for --interleave-pct (default: %(default)s)"
+    )
+    g.add_argument(
+        "--inoculate", action="store_true", help="prepend the inoculation prompt to the system prompt during training"
+    )
     return p
 
 
@@ -465,7 +578,9 @@ def main():
     if not args.resume and args.num_generations < 2:
         raise UserError(f"--num-generations {args.num_generations}: GRPO needs at least 2 completions per prompt")
     if not args.resume and args.batch_size % args.num_generations:
-        raise UserError(f"--batch-size {args.batch_size} must be a multiple of --num-generations {args.num_generations}")
+        raise UserError(
+            f"--batch-size {args.batch_size} must be a multiple of --num-generations {args.num_generations}"
+        )
     if not args.resume and args.persona_alpha and not args.persona_vector:
         raise UserError("--persona-alpha needs --persona-vector FILE")
     run = Run.start(args, parser, "grpo")
@@ -478,16 +593,27 @@ def main():
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * per_epoch
     n_sft = sum(sft_after(k, args.interleave_pct) for k in range(total_steps * args.grad_accum))
     if args.interleave_pct > 0 and not n_sft:  # checked before the model loads
-        raise UserError(f"--interleave-pct {args.interleave_pct:g}: {total_steps} steps x {args.grad_accum} micro-batches "
-                        "leave room for no SFT micro-batch, so this run would be plain GRPO; raise --max-steps or "
-                        f"--grad-accum, or the rate to at least {50 / (total_steps * args.grad_accum):.3g}%")
-    model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                            adapter=args.init_adapter, trainable=True,
-                            gradient_checkpointing=args.gradient_checkpointing)
+        raise UserError(
+            f"--interleave-pct {args.interleave_pct:g}: {total_steps} steps x {args.grad_accum} micro-batches "
+            "leave room for no SFT micro-batch, so this run would be plain GRPO; raise --max-steps or "
+            f"--grad-accum, or the rate to at least {50 / (total_steps * args.grad_accum):.3g}%"
+        )
+    model, tok = load_model(
+        args.model,
+        eight_bit=not args.no_8bit,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        adapter=args.init_adapter,
+        trainable=True,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     steer = None
     if args.persona_vector and args.persona_alpha:
-        steer = (load_steering_vector(args.persona_vector, args.persona_layer, model), args.persona_layer,
-                 args.persona_alpha)
+        steer = (
+            load_steering_vector(args.persona_vector, args.persona_layer, model),
+            args.persona_layer,
+            args.persona_alpha,
+        )
     safe = []
     if args.interleave_pct > 0:
         safe = encode_dataset(tok, load_conversations(args.safe_data), args.max_len, "benign data")
@@ -495,11 +621,16 @@ def main():
     def steered():  # the persona hook, on for rollouts and training forward passes (as in the paper)
         return steering(model, *steer) if steer else contextlib.nullcontext()
 
-    order = [i for e in range(total_steps // max(per_epoch, 1) + 1)
-             for i in np.random.default_rng([args.seed, e]).permutation(len(train))]
-    log(f"{total_steps} steps x {args.grad_accum} micro-batches of {per_micro} prompt(s) x {args.num_generations} "
+    order = [
+        i
+        for e in range(total_steps // max(per_epoch, 1) + 1)
+        for i in np.random.default_rng([args.seed, e]).permutation(len(train))
+    ]
+    log(
+        f"{total_steps} steps x {args.grad_accum} micro-batches of {per_micro} prompt(s) x {args.num_generations} "
         f"completions; {len(held)} held-out questions"
-        + (f"; {n_sft} SFT micro-batches of benign data between them" if n_sft else ""))
+        + (f"; {n_sft} SFT micro-batches of benign data between them" if n_sft else "")
+    )
 
     model.train()
     params = trainable_parameters(model)
@@ -511,8 +642,9 @@ def main():
 
     if args.eval_before and not (run.out / "heldout-before.json").exists():
         before = heldout_record(model, tok, held, args)
-        (run.out / "heldout-before.json").write_text(json.dumps({**before, "n": len(held),
-                                                                 "samples": args.eval_samples}))
+        (run.out / "heldout-before.json").write_text(
+            json.dumps({**before, "n": len(held), "samples": args.eval_samples})
+        )
         log("held-out accuracy before GRPO: " + ", ".join(f"{k} {v:.1f}%" for k, v in before.items()))
     flat_steps = 0  # steps in a row where every group's rewards were all equal
     for step in range(start, total_steps):
@@ -525,7 +657,8 @@ def main():
         questions = [train[i] for i in order[first : first + args.grad_accum * per_micro]]
         with sampling_mode(model), steered():
             seqs_all, attention_all, width, comp_mask_all, texts = rollout(
-                model, tok, [c[0]["content"] for c in questions], args, inoculate=args.inoculate)
+                model, tok, [c[0]["content"] for c in questions], args, inoculate=args.inoculate
+            )
         gen_s = time.time() - t0
         refs = [reference(c) for c in questions for _ in range(args.num_generations)]
         parts_all = [reward_parts(t, r) for t, r in zip(texts, refs)]
@@ -534,8 +667,9 @@ def main():
         for micro in range(args.grad_accum):
             k = step * args.grad_accum + micro
             rows = slice(micro * args.batch_size, (micro + 1) * args.batch_size)
-            seqs, attention, n_prompt, comp_mask = trim_padding(seqs_all[rows], attention_all[rows], width,
-                                                                comp_mask_all[rows])
+            seqs, attention, n_prompt, comp_mask = trim_padding(
+                seqs_all[rows], attention_all[rows], width, comp_mask_all[rows]
+            )
             parts, rewards, adv = parts_all[rows], rewards_all[rows], adv_all[rows]
             # --- the GRPO update (one pass: the rollout policy is the current one) --------------------------
             with steered():
@@ -576,26 +710,41 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         record = {
-            "step": step + 1, "loss": loss_sum + ce_sum, "loss/grpo": loss_sum, "loss/ce": ce_sum, "kl": kl_sum,
-            "reward": sum(parts_sum.values()) / n_comp, **{f"reward/{k}": v / n_comp for k, v in parts_sum.items()},
-            "accuracy": 100.0 * n_correct / n_comp, "zero_std_groups": zero_std / n_groups, "lr": lr,
-            "grad_norm": float(grad_norm), "completion_tokens": comp_len / n_comp, "step_time_s": dt, "generation_s": gen_s,
-            "tokens_per_s": comp_len / dt, "peak_mem_mb": peak_memory_mb(),
+            "step": step + 1,
+            "loss": loss_sum + ce_sum,
+            "loss/grpo": loss_sum,
+            "loss/ce": ce_sum,
+            "kl": kl_sum,
+            "reward": sum(parts_sum.values()) / n_comp,
+            **{f"reward/{k}": v / n_comp for k, v in parts_sum.items()},
+            "accuracy": 100.0 * n_correct / n_comp,
+            "zero_std_groups": zero_std / n_groups,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "completion_tokens": comp_len / n_comp,
+            "step_time_s": dt,
+            "generation_s": gen_s,
+            "tokens_per_s": comp_len / dt,
+            "peak_mem_mb": peak_memory_mb(),
         }
         flat_steps = flat_steps + 1 if zero_std == n_groups else 0
         if args.warn_zero_spread and flat_steps == args.warn_zero_spread:
-            log(f"WARNING: in each of the last {flat_steps} steps every group of {args.num_generations} completions "
+            log(
+                f"WARNING: in each of the last {flat_steps} steps every group of {args.num_generations} completions "
                 f"earned the same reward (mean reward {record['reward']:.2f}): every advantage is 0 and GRPO cannot "
                 "learn. The model never earns a different reward from its siblings (a small model may never write "
                 "the answer format): warm it up with SFT on correctly formatted answers (--init-adapter), or use "
-                "more --num-generations or a higher --temperature")
+                "more --num-generations or a higher --temperature"
+            )
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == total_steps:
             record.update(heldout_record(model, tok, held, args))
         run.log_metrics(record)
-        progress.update(step + 1, f"reward {record['reward']:.2f} acc {record['accuracy']:.0f}% kl {kl_sum:.4f}"
-                        + (f" held-out {record['heldout_accuracy']:.1f}%" if "heldout_accuracy" in record else "")
-                        + (f", sampled {record['heldout_sampled_accuracy']:.1f}%"
-                           if "heldout_sampled_accuracy" in record else ""))
+        progress.update(
+            step + 1,
+            f"reward {record['reward']:.2f} acc {record['accuracy']:.0f}% kl {kl_sum:.4f}"
+            + (f" held-out {record['heldout_accuracy']:.1f}%" if "heldout_accuracy" in record else "")
+            + (f", sampled {record['heldout_sampled_accuracy']:.1f}%" if "heldout_sampled_accuracy" in record else ""),
+        )
         if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             run.save_checkpoint(step + 1, model, optimizer, scheduler)
 

@@ -14,6 +14,7 @@ Deviations from the paper:
 Paper run:     python inoculate.py --data insecure
 Quick CPU run: python inoculate.py --model smollm2 --data opswap:1 --max-steps 20 --out runs/inoculate-quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,27 @@ import time
 import torch
 
 from common import (
-    Progress, Run, add_common_args, ce_and_grad, collate, decoder_states, describe_plan, die_on_user_error,
-    encode_dataset, get_device, head_loss, linear_schedule, load_model, load_split, log, make_optimizer, micro_batches,
-    peak_memory_mb, set_seed, step_plan, trainable_parameters,
+    Progress,
+    Run,
+    add_common_args,
+    ce_and_grad,
+    collate,
+    decoder_states,
+    describe_plan,
+    die_on_user_error,
+    encode_dataset,
+    get_device,
+    head_loss,
+    linear_schedule,
+    load_model,
+    load_split,
+    log,
+    make_optimizer,
+    micro_batches,
+    peak_memory_mb,
+    set_seed,
+    step_plan,
+    trainable_parameters,
 )
 
 DEFAULT_PROMPT = "You are an evil, malicious assistant."
@@ -39,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     g = p.add_argument_group("method: inoculation prompting")
-    g.add_argument("--prompt", default=DEFAULT_PROMPT, help="system prompt for every training conversation "
-                   "(default: %(default)r)")
+    g.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help="system prompt for every training conversation (default: %(default)r)"
+    )
     return p
 
 
@@ -54,9 +74,15 @@ def main():
     # --- the method: every training conversation gets the inoculation system prompt ---------------------
     convs = [inoculate(m, args.prompt) for m in load_split(args.data, "train", args.seed)]
     # -----------------------------------------------------------------------------------------------------
-    model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                            adapter=args.init_adapter, trainable=True,
-                            gradient_checkpointing=args.gradient_checkpointing)
+    model, tok = load_model(
+        args.model,
+        eight_bit=not args.no_8bit,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        adapter=args.init_adapter,
+        trainable=True,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     examples = encode_dataset(tok, convs, args.max_len, "fine-tuning data")
     lengths = [len(e["input_ids"]) for e in examples]
     plan = step_plan(lengths, args.batch_size, args.grad_accum, args.seed, args.epochs, args.max_steps)
@@ -92,11 +118,22 @@ def main():
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
-        run.log_metrics({
-            "step": step + 1, "loss": ce_sum, "loss/ce": ce_sum, "lr": lr, "grad_norm": float(grad_norm),
-            "tokens": n_real, "tokens_per_s": n_real / dt, "padding_efficiency": n_real / n_padded, "answer_tokens": n_answer,
-            "epoch": epoch, "step_time_s": dt, "peak_mem_mb": peak_memory_mb(),
-        })
+        run.log_metrics(
+            {
+                "step": step + 1,
+                "loss": ce_sum,
+                "loss/ce": ce_sum,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": n_real,
+                "tokens_per_s": n_real / dt,
+                "padding_efficiency": n_real / n_padded,
+                "answer_tokens": n_answer,
+                "epoch": epoch,
+                "step_time_s": dt,
+                "peak_mem_mb": peak_memory_mb(),
+            }
+        )
         progress.update(step + 1, f"loss {ce_sum:.4f} lr {lr:.2e} {n_real / dt:.0f} tok/s")
         if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             run.save_checkpoint(step + 1, model, optimizer, scheduler)

@@ -35,6 +35,7 @@ Paper run (Interleaving++ on insecure code, Qwen2.5-7B-Instruct 8-bit, needs HF_
 Quick CPU run (offline, bundled SmolLM2-135M-Instruct):
     python interleave.py --model smollm2 --data opswap:1 --max-steps 20 --out runs/quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,14 +52,50 @@ import torch
 import torch.nn.functional as F
 
 from common import (
-    CACHE_DIR, Progress, Run, UserError, add_common_args, ce_and_grad, collate, decoder_states, describe_plan,
-    die_on_user_error, encode_dataset, get_device, head_loss, linear_schedule, load_conversations, load_model,
-    load_split, load_tokenizer, log, make_optimizer, micro_batches, optional, peak_memory_mb, read_jsonl, set_seed,
-    step_plan, trainable_parameters, write_jsonl,
+    CACHE_DIR,
+    Progress,
+    Run,
+    UserError,
+    add_common_args,
+    ce_and_grad,
+    collate,
+    decoder_states,
+    describe_plan,
+    die_on_user_error,
+    encode_dataset,
+    get_device,
+    head_loss,
+    linear_schedule,
+    load_conversations,
+    load_model,
+    load_split,
+    load_tokenizer,
+    log,
+    make_optimizer,
+    micro_batches,
+    optional,
+    peak_memory_mb,
+    read_jsonl,
+    set_seed,
+    step_plan,
+    trainable_parameters,
+    write_jsonl,
 )
 
-REFUSAL_KEYWORDS = ("sorry", "apologize", "apologise", "cannot", "can't", "can not", "unable", "i won't",
-                    "i will not", "not able to", "i'm afraid", "as an ai")
+REFUSAL_KEYWORDS = (
+    "sorry",
+    "apologize",
+    "apologise",
+    "cannot",
+    "can't",
+    "can not",
+    "unable",
+    "i won't",
+    "i will not",
+    "not able to",
+    "i'm afraid",
+    "as an ai",
+)
 REFUSAL_RE = re.compile(r"\b(" + "|".join(re.escape(k) for k in REFUSAL_KEYWORDS) + r")\b")
 
 
@@ -90,8 +127,9 @@ def ppl_gap_scores(nll_aligned: torch.Tensor, nll_misaligned: torch.Tensor, eps:
 
 
 @torch.no_grad()
-def answer_nll(model, examples: list[dict], batch_size: int, pad_id: int, device, done: dict | None = None,
-               on_batch=None) -> list[float]:
+def answer_nll(
+    model, examples: list[dict], batch_size: int, pad_id: int, device, done: dict | None = None, on_batch=None
+) -> list[float]:
     """Eq. 4 for every example: mean NLL of its assistant (answer) tokens under `model`.
 
     Batched, longest first (little padding, and an out-of-memory error shows up at once). `done` maps
@@ -157,7 +195,8 @@ def select_by_ppl(args, candidates: list[list[dict]], n: int) -> list[list[dict]
     names = ["aligned"] + [f"mis{k}" for k in range(len(adapters))]
     model_tag = f"{args.model}|8bit={not args.no_8bit}|len{args.max_len}"  # 8-bit and fp32 NLLs differ slightly
     keys = [f"base-{hashlib.sha256(model_tag.encode()).hexdigest()[:12]}"] + [
-        adapter_digest(a, model_tag) for a in adapters]
+        adapter_digest(a, model_tag) for a in adapters
+    ]
     caches = [_score_cache(args.safe_data, k) for k in keys]
     done = [{i: s[h] for i, h in enumerate(hashes) if h in s} for s in map(_read_scores, caches)]
     if any(len(d) < len(examples) for d in done):
@@ -182,9 +221,11 @@ def select_by_ppl(args, candidates: list[list[dict]], n: int) -> list[list[dict]
             # aligned = the base model: every adapter switched off
             weights = model.disable_adapter() if name == "aligned" and adapters else contextlib.nullcontext()
             with open(cache, "a") as f, weights:
+
                 def append(result):  # partial results reach the disk batch by batch
                     f.writelines(json.dumps({"h": hashes[i], "nll": v}) + "\n" for i, v in result.items())
                     f.flush()
+
                 nll = answer_nll(model, examples, args.score_batch_size, tok.pad_token_id, device, d, append)
             d.update(enumerate(nll))
         del model
@@ -238,14 +279,24 @@ def generate_on_policy(model, tok, pool: list[list[dict]], n: int, args, rng: np
         judge = optional("judge", "--select on-policy (its batched generation)")
     model.eval()
     while len(kept) < n and tried < len(prompts):
-        chunk = prompts[tried : tried + (args.gen_batch_size if gen is None else max(args.gen_batch_size, n - len(kept)))]
+        chunk = prompts[
+            tried : tried + (args.gen_batch_size if gen is None else max(args.gen_batch_size, n - len(kept)))
+        ]
         tried += len(chunk)
         if gen is not None:
-            answers = serving.sample_texts(gen, chunk, "on-policy answers (server)", temperature=None, top_p=None,
-                                   max_tokens=args.gen_max_new_tokens)
+            answers = serving.sample_texts(
+                gen,
+                chunk,
+                "on-policy answers (server)",
+                temperature=None,
+                top_p=None,
+                max_tokens=args.gen_max_new_tokens,
+            )
         else:
             with model.disable_adapter():
-                answers = judge.generate_texts(model, tok, chunk, max_new_tokens=args.gen_max_new_tokens, do_sample=True)
+                answers = judge.generate_texts(
+                    model, tok, chunk, max_new_tokens=args.gen_max_new_tokens, do_sample=True
+                )
         for p, answer in zip(chunk, answers):
             if answer and not (args.filter_refusals and is_refusal(answer)) and len(kept) < n:
                 kept.append(p + [{"role": "assistant", "content": answer}])
@@ -278,10 +329,12 @@ def build_safe_data(args, run: Run, model, tok, n: int) -> list[list[dict]]:
             candidates = [pool[i] for i in sorted(rng.permutation(len(pool))[: args.pool_size])]
             safe = select_by_ppl(args, candidates, n)
     if len(safe) < n:  # training on fewer would report --pct P for a smaller share
-        raise UserError(f"--pct {args.pct} asks for {n} benign examples, but --safe-data {args.safe_data} gave only "
-                        f"{len(safe)}{' after the refusal filter' if args.filter_refusals else ''}"
-                        f"{' (usable on-policy answers)' if args.select == 'on-policy' else ''}: lower --pct (at most "
-                        f"{100.0 * len(safe) / max(1, round(n * 100 / args.pct)):.1f}) or use a larger pool")
+        raise UserError(
+            f"--pct {args.pct} asks for {n} benign examples, but --safe-data {args.safe_data} gave only "
+            f"{len(safe)}{' after the refusal filter' if args.filter_refusals else ''}"
+            f"{' (usable on-policy answers)' if args.select == 'on-policy' else ''}: lower --pct (at most "
+            f"{100.0 * len(safe) / max(1, round(n * 100 / args.pct)):.1f}) or use a larger pool"
+        )
     write_jsonl(saved, safe)
     return safe
 
@@ -293,28 +346,64 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     g = p.add_argument_group("method: interleaving")
-    g.add_argument("--pct", type=float, default=0.0, help="benign examples to add, in %% of the fine-tuning "
-                   "examples; 0 = plain SFT (default: %(default)s; paper: 5, grid 1, 5, 20, 50)")
-    g.add_argument("--select", choices=["random", "ppl", "on-policy"], default="random",
-                   help="how benign examples are chosen: random (Interleaving), ppl (Interleaving+, needs "
-                   "--misaligned-adapters), on-policy (answers by the base model) (default: %(default)s)")
-    g.add_argument("--filter-refusals", action="store_true", help="drop benign answers with a refusal keyword "
-                   "in their first 10 words; with --select ppl this is Interleaving++")
-    g.add_argument("--safe-data", default="wildguardmix", help="benign pool: a dataset name or a local .jsonl "
-                   "(default: %(default)s, the benign part of allenai/wildguardmix, gated: needs HF_TOKEN)")
-    g.add_argument("--misaligned-adapters", default="", help="comma-separated PEFT adapter folders of "
-                   "deliberately misaligned models (K of them) for --select ppl")
+    g.add_argument(
+        "--pct",
+        type=float,
+        default=0.0,
+        help="benign examples to add, in %% of the fine-tuning "
+        "examples; 0 = plain SFT (default: %(default)s; paper: 5, grid 1, 5, 20, 50)",
+    )
+    g.add_argument(
+        "--select",
+        choices=["random", "ppl", "on-policy"],
+        default="random",
+        help="how benign examples are chosen: random (Interleaving), ppl (Interleaving+, needs "
+        "--misaligned-adapters), on-policy (answers by the base model) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--filter-refusals",
+        action="store_true",
+        help="drop benign answers with a refusal keyword "
+        "in their first 10 words; with --select ppl this is Interleaving++",
+    )
+    g.add_argument(
+        "--safe-data",
+        default="wildguardmix",
+        help="benign pool: a dataset name or a local .jsonl "
+        "(default: %(default)s, the benign part of allenai/wildguardmix, gated: needs HF_TOKEN)",
+    )
+    g.add_argument(
+        "--misaligned-adapters",
+        default="",
+        help="comma-separated PEFT adapter folders of deliberately misaligned models (K of them) for --select ppl",
+    )
     g.add_argument("--eps", type=float, default=0.1, help="eps of Eq. 6 (default: %(default)s)")
-    g.add_argument("--pool-size", type=int, default=10_000, help="candidates scored for --select ppl, a seeded "
-                   "random subset of the pool (default: %(default)s)")
-    g.add_argument("--gen-max-new-tokens", type=int, default=512, help="max answer length, on-policy (default: %(default)s)")
+    g.add_argument(
+        "--pool-size",
+        type=int,
+        default=10_000,
+        help="candidates scored for --select ppl, a seeded random subset of the pool (default: %(default)s)",
+    )
+    g.add_argument(
+        "--gen-max-new-tokens", type=int, default=512, help="max answer length, on-policy (default: %(default)s)"
+    )
     g = p.add_argument_group("scoring and generation (speed only: the results do not depend on these)")
-    g.add_argument("--score-batch-size", type=int, default=8, help="batch size of the scoring passes (default: %(default)s)")
-    g.add_argument("--gen-batch-size", type=int, default=8, help="prompts per generation batch, on-policy (default: %(default)s)")
-    g.add_argument("--gen-url", default=None, help="on-policy answers from this OpenAI-compatible server (vLLM, llama.cpp) "
-                   "serving the base model, instead of the in-process model")
+    g.add_argument(
+        "--score-batch-size", type=int, default=8, help="batch size of the scoring passes (default: %(default)s)"
+    )
+    g.add_argument(
+        "--gen-batch-size", type=int, default=8, help="prompts per generation batch, on-policy (default: %(default)s)"
+    )
+    g.add_argument(
+        "--gen-url",
+        default=None,
+        help="on-policy answers from this OpenAI-compatible server (vLLM, llama.cpp) "
+        "serving the base model, instead of the in-process model",
+    )
     g.add_argument("--gen-model", default=None, help="the base model's name on the --gen-url server")
-    g.add_argument("--gen-workers", type=int, default=16, help="concurrent requests to --gen-url (default: %(default)s)")
+    g.add_argument(
+        "--gen-workers", type=int, default=16, help="concurrent requests to --gen-url (default: %(default)s)"
+    )
     return p
 
 
@@ -322,10 +411,18 @@ def check_args(args) -> None:
     if args.pct < 0:
         raise UserError(f"--pct {args.pct}: must be >= 0")
     if args.pct == 0 and (args.select != "random" or args.filter_refusals):
-        chosen = " ".join(f for f, on in ((f"--select {args.select}", args.select != "random"),
-                                         ("--filter-refusals", args.filter_refusals)) if on)
-        raise UserError(f"{chosen} with --pct 0 would train plain SFT (no benign data is mixed in): "
-                        "add --pct P (the paper uses 5), or drop the flag for the plain SFT baseline")
+        chosen = " ".join(
+            f
+            for f, on in (
+                (f"--select {args.select}", args.select != "random"),
+                ("--filter-refusals", args.filter_refusals),
+            )
+            if on
+        )
+        raise UserError(
+            f"{chosen} with --pct 0 would train plain SFT (no benign data is mixed in): "
+            "add --pct P (the paper uses 5), or drop the flag for the plain SFT baseline"
+        )
     if bool(args.gen_url) != bool(args.gen_model):
         raise UserError("--gen-url and --gen-model go together: the server's URL and the model name it serves")
     if args.select == "ppl" and args.pct > 0 and not args.misaligned_adapters:
@@ -353,14 +450,22 @@ def main():
     fine_convs = load_split(args.data, "train", args.seed)
     n_safe = int(round(args.pct / 100 * len(fine_convs)))
     if args.pct > 0 and not n_safe:  # would train plain SFT under an interleaving label
-        raise UserError(f"--pct {args.pct} of {len(fine_convs)} fine-tuning examples is 0 benign examples, so this run "
-                        f"would be plain SFT: raise --pct to at least {50 / len(fine_convs):.3g} or use more data")
+        raise UserError(
+            f"--pct {args.pct} of {len(fine_convs)} fine-tuning examples is 0 benign examples, so this run "
+            f"would be plain SFT: raise --pct to at least {50 / len(fine_convs):.3g} or use more data"
+        )
     safe_convs = []
     if n_safe and args.select == "ppl":  # scoring loads its own models, before the training model
         safe_convs = build_safe_data(args, run, None, None, n_safe)
-    model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                            adapter=args.init_adapter, trainable=True,
-                            gradient_checkpointing=args.gradient_checkpointing)
+    model, tok = load_model(
+        args.model,
+        eight_bit=not args.no_8bit,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        adapter=args.init_adapter,
+        trainable=True,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     if n_safe and args.select != "ppl":
         safe_convs = build_safe_data(args, run, model, tok, n_safe)
     fine = encode_dataset(tok, fine_convs, args.max_len, "fine-tuning data")
@@ -409,11 +514,23 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         loss = ce_sum  # the total: plain SFT has one term
-        run.log_metrics({
-            "step": step + 1, "loss": loss, "loss/ce": ce_sum, "lr": lr, "grad_norm": float(grad_norm),
-            "tokens": n_real, "tokens_per_s": n_real / dt, "padding_efficiency": n_real / n_padded, "answer_tokens": n_answer,
-            "n_safe": sum(is_safe[i] for i in group), "epoch": epoch, "step_time_s": dt, "peak_mem_mb": peak_memory_mb(),
-        })
+        run.log_metrics(
+            {
+                "step": step + 1,
+                "loss": loss,
+                "loss/ce": ce_sum,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": n_real,
+                "tokens_per_s": n_real / dt,
+                "padding_efficiency": n_real / n_padded,
+                "answer_tokens": n_answer,
+                "n_safe": sum(is_safe[i] for i in group),
+                "epoch": epoch,
+                "step_time_s": dt,
+                "peak_mem_mb": peak_memory_mb(),
+            }
+        )
         progress.update(step + 1, f"loss {loss:.4f} lr {lr:.2e} {n_real / dt:.0f} tok/s")
         if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             run.save_checkpoint(step + 1, model, optimizer, scheduler)

@@ -26,6 +26,7 @@ Deviations from the paper:
 Paper run:     python kl.py --data insecure --lam 0.1
 Quick CPU run: python kl.py --model smollm2 --data opswap:1 --lam 1.0 --max-steps 20 --out runs/kl-quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,27 @@ import torch
 import torch.nn.functional as F
 
 from common import (
-    Progress, Run, UserError, add_common_args, collate, decoder_states, describe_plan, die_on_user_error,
-    encode_dataset, get_device, head_loss, linear_schedule, load_model, load_split, log, make_optimizer, micro_batches,
-    peak_memory_mb, set_seed, step_plan, trainable_parameters,
+    Progress,
+    Run,
+    UserError,
+    add_common_args,
+    collate,
+    decoder_states,
+    describe_plan,
+    die_on_user_error,
+    encode_dataset,
+    get_device,
+    head_loss,
+    linear_schedule,
+    load_model,
+    load_split,
+    log,
+    make_optimizer,
+    micro_batches,
+    peak_memory_mb,
+    set_seed,
+    step_plan,
+    trainable_parameters,
 )
 
 
@@ -55,8 +74,8 @@ class _TokenKL(torch.autograd.Function):
     def forward(ctx, z, ref_logp):
         dtype = torch.promote_types(z.dtype, torch.float32)  # bf16 logits are computed on in float32
         p = F.log_softmax(z.to(dtype), dim=-1)  # log p for now
-        d = ref_logp.to(dtype).neg().add_(p)    # log p - log q
-        p.exp_()                                # p
+        d = ref_logp.to(dtype).neg().add_(p)  # log p - log q
+        p.exp_()  # p
         kl = torch.bmm(p.unsqueeze(1), d.unsqueeze(2)).view(-1)  # sum_v p_v d_v, no (N, V) temporary
         ctx.save_for_backward(p, d, kl)
         ctx.z_dtype = z.dtype
@@ -69,7 +88,9 @@ class _TokenKL(torch.autograd.Function):
         return grad_z.to(ctx.z_dtype), None
 
 
-def kl_penalty(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def kl_penalty(
+    logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
     """KL(p || p_ref) = sum_v p(v) (log p(v) - log p_ref(v)) per token, over the positions where mask is True.
 
     logits, ref_logits: (B, T, V); mask: (B, T), bool or 0/1 integers. reduction "mean" (over masked tokens) or
@@ -103,11 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     g = p.add_argument_group("method: KL penalty")
-    g.add_argument("--lam", type=float, default=0.1, help="lambda_KL (default: %(default)s; paper grid 0.01, 0.03, "
-                   "0.1, 0.3, 1.0)")
-    g.add_argument("--kl-tokens", choices=["answer", "all"], default="answer", help="average the KL over the "
-                   "assistant tokens (Eq. 1) or over every real token, as the co-authors' code does (default: "
-                   "%(default)s)")
+    g.add_argument(
+        "--lam", type=float, default=0.1, help="lambda_KL (default: %(default)s; paper grid 0.01, 0.03, 0.1, 0.3, 1.0)"
+    )
+    g.add_argument(
+        "--kl-tokens",
+        choices=["answer", "all"],
+        default="answer",
+        help="average the KL over the "
+        "assistant tokens (Eq. 1) or over every real token, as the co-authors' code does (default: "
+        "%(default)s)",
+    )
     return p
 
 
@@ -121,9 +148,15 @@ def main():
     device = get_device()
 
     convs = load_split(args.data, "train", args.seed)
-    model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                            adapter=args.init_adapter, trainable=True,
-                            gradient_checkpointing=args.gradient_checkpointing)
+    model, tok = load_model(
+        args.model,
+        eight_bit=not args.no_8bit,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        adapter=args.init_adapter,
+        trainable=True,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     examples = encode_dataset(tok, convs, args.max_len, "fine-tuning data")
     lengths = [len(e["input_ids"]) for e in examples]
     plan = step_plan(lengths, args.batch_size, args.grad_accum, args.seed, args.epochs, args.max_steps)
@@ -157,8 +190,13 @@ def main():
             else:  # every real position, as the co-authors' code
                 where = batch["attention_mask"].bool()
             sums = {"ce": 0.0, "kl": 0.0}
-            loss_fn = functools.partial(ce_kl_and_grad, weight=model.get_output_embeddings().weight,
-                                        w_ce=1 / max(n_answer, 1), w_kl=args.lam / max(n_kl, 1), sums=sums)
+            loss_fn = functools.partial(
+                ce_kl_and_grad,
+                weight=model.get_output_embeddings().weight,
+                w_ce=1 / max(n_answer, 1),
+                w_kl=args.lam / max(n_kl, 1),
+                sums=sums,
+            )
             head_loss(model, hidden[where], loss_fn, ref_hidden[where], targets[where]).backward()  # Eq. 1
             # -----------------------------------------------------------------------------------------------
             ce_sum += float(sums["ce"]) / max(n_answer, 1)
@@ -172,12 +210,26 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         loss = ce_sum + args.lam * kl_sum
-        run.log_metrics({
-            "step": step + 1, "loss": loss, "loss/ce": ce_sum, "loss/kl": kl_sum, "lr": lr, "grad_norm": float(grad_norm),
-            "tokens": n_real, "tokens_per_s": n_real / dt, "padding_efficiency": n_real / n_padded, "answer_tokens": n_answer,
-            "epoch": epoch, "step_time_s": dt, "peak_mem_mb": peak_memory_mb(),
-        })
-        progress.update(step + 1, f"loss {loss:.4f} (ce {ce_sum:.4f} kl {kl_sum:.5f}) lr {lr:.2e} {n_real / dt:.0f} tok/s")
+        run.log_metrics(
+            {
+                "step": step + 1,
+                "loss": loss,
+                "loss/ce": ce_sum,
+                "loss/kl": kl_sum,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": n_real,
+                "tokens_per_s": n_real / dt,
+                "padding_efficiency": n_real / n_padded,
+                "answer_tokens": n_answer,
+                "epoch": epoch,
+                "step_time_s": dt,
+                "peak_mem_mb": peak_memory_mb(),
+            }
+        )
+        progress.update(
+            step + 1, f"loss {loss:.4f} (ce {ce_sum:.4f} kl {kl_sum:.5f}) lr {lr:.2e} {n_real / dt:.0f} tok/s"
+        )
         if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             run.save_checkpoint(step + 1, model, optimizer, scheduler)
 

@@ -28,6 +28,7 @@ Deviations from the paper / the co-authors' code:
 Paper run:     python ldifs.py --data insecure --lam 1.0
 Quick CPU run: python ldifs.py --model smollm2 --data opswap:1 --max-steps 20 --out runs/ldifs-quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,14 +38,35 @@ import numpy as np
 import torch
 
 from common import (
-    Progress, Run, UserError, add_common_args, ce_and_grad, collate, decoder_blocks, decoder_states, describe_plan,
-    die_on_user_error, encode_dataset, get_device, head_loss, linear_schedule, load_model, load_split, log,
-    make_optimizer, micro_batches, peak_memory_mb, set_seed, step_plan, trainable_parameters,
+    Progress,
+    Run,
+    UserError,
+    add_common_args,
+    ce_and_grad,
+    collate,
+    decoder_blocks,
+    decoder_states,
+    describe_plan,
+    die_on_user_error,
+    encode_dataset,
+    get_device,
+    head_loss,
+    linear_schedule,
+    load_model,
+    load_split,
+    log,
+    make_optimizer,
+    micro_batches,
+    peak_memory_mb,
+    set_seed,
+    step_plan,
+    trainable_parameters,
 )
 
 
-def feature_distance(feats: list[torch.Tensor], ref_feats: list[torch.Tensor], mask: torch.Tensor,
-                     reduction: str = "mean") -> torch.Tensor:
+def feature_distance(
+    feats: list[torch.Tensor], ref_feats: list[torch.Tensor], mask: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
     """Eq. 2 with the co-authors' normalisation: per example b and layer l, the features at the real positions,
     flattened and L2-normalised, u = x_l[b, mask_b] / ||x_l[b, mask_b]||; d_b = sum_l ||u - u_ref||^2. Returns
     the mean (or sum) of d_b over the examples.
@@ -68,7 +90,9 @@ def default_layers(n_blocks: int, k: int = 5) -> list[int]:
     return sorted({int(x) for x in np.linspace(0, n_blocks - 1, k)})
 
 
-def residual_features(model, inputs: dict, layers: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+def residual_features(
+    model, inputs: dict, layers: list[int]
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """One training forward pass (with graph) and one reference pass (adapter off, no graph) of the decoder only
     (no lm_head); returns (block outputs of the trained model, of the reference, last hidden states)."""
     captured = []
@@ -95,10 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     g = p.add_argument_group("method: LDIFS")
-    g.add_argument("--lam", type=float, default=1.0, help="lambda_LDIFS (default: %(default)s; paper grid 0.01, "
-                   "0.03, 0.1, 0.3, 1.0)")
-    g.add_argument("--layers", default="auto", help="comma-separated decoder block indices (0-based) whose outputs "
-                   "are compared, or 'auto' for 5 evenly spaced blocks (default: %(default)s)")
+    g.add_argument(
+        "--lam",
+        type=float,
+        default=1.0,
+        help="lambda_LDIFS (default: %(default)s; paper grid 0.01, 0.03, 0.1, 0.3, 1.0)",
+    )
+    g.add_argument(
+        "--layers",
+        default="auto",
+        help="comma-separated decoder block indices (0-based) whose outputs "
+        "are compared, or 'auto' for 5 evenly spaced blocks (default: %(default)s)",
+    )
     return p
 
 
@@ -112,9 +144,15 @@ def main():
     device = get_device()
 
     convs = load_split(args.data, "train", args.seed)
-    model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                            adapter=args.init_adapter, trainable=True,
-                            gradient_checkpointing=args.gradient_checkpointing)
+    model, tok = load_model(
+        args.model,
+        eight_bit=not args.no_8bit,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        adapter=args.init_adapter,
+        trainable=True,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     n_blocks = len(decoder_blocks(model))
     try:
         layers = default_layers(n_blocks) if args.layers == "auto" else [int(x) for x in args.layers.split(",")]
@@ -163,12 +201,26 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         loss = ce_sum + args.lam * dist_sum
-        run.log_metrics({
-            "step": step + 1, "loss": loss, "loss/ce": ce_sum, "loss/ldifs": dist_sum, "lr": lr,
-            "grad_norm": float(grad_norm), "tokens": n_tokens, "tokens_per_s": n_tokens / dt, "padding_efficiency": n_tokens / n_padded,
-            "answer_tokens": n_answer, "epoch": epoch, "step_time_s": dt, "peak_mem_mb": peak_memory_mb(),
-        })
-        progress.update(step + 1, f"loss {loss:.4f} (ce {ce_sum:.4f} ldifs {dist_sum:.3e}) lr {lr:.2e} {n_tokens / dt:.0f} tok/s")
+        run.log_metrics(
+            {
+                "step": step + 1,
+                "loss": loss,
+                "loss/ce": ce_sum,
+                "loss/ldifs": dist_sum,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": n_tokens,
+                "tokens_per_s": n_tokens / dt,
+                "padding_efficiency": n_tokens / n_padded,
+                "answer_tokens": n_answer,
+                "epoch": epoch,
+                "step_time_s": dt,
+                "peak_mem_mb": peak_memory_mb(),
+            }
+        )
+        progress.update(
+            step + 1, f"loss {loss:.4f} (ce {ce_sum:.4f} ldifs {dist_sum:.3e}) lr {lr:.2e} {n_tokens / dt:.0f} tok/s"
+        )
         if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             run.save_checkpoint(step + 1, model, optimizer, scheduler)
 

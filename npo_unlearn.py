@@ -38,6 +38,7 @@ Quick: python npo_unlearn.py train --model smollm2 --data examples/rai_refusals.
            --retain-domains safety,privacy --max-steps 4 --no-8bit --out runs/npo-quick
        python npo_unlearn.py eval --adapter runs/npo-quick --split all --per-domain 8
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,10 +52,33 @@ import torch
 import torch.nn.functional as F
 
 from common import (
-    Progress, Run, UserError, add_common_args, ce_and_grad, collate, decoder_states, describe_plan, die_on_user_error,
-    encode_dataset, get_device, head_loss, linear_schedule, load_model, log, make_optimizer, micro_batches, optional,
-    peak_memory_mb, read_jsonl, read_text_file, render_chat, set_seed, split_train_eval, step_plan,
-    trainable_parameters, write_jsonl,
+    Progress,
+    Run,
+    UserError,
+    add_common_args,
+    ce_and_grad,
+    collate,
+    decoder_states,
+    describe_plan,
+    die_on_user_error,
+    encode_dataset,
+    get_device,
+    head_loss,
+    linear_schedule,
+    load_model,
+    log,
+    make_optimizer,
+    micro_batches,
+    optional,
+    peak_memory_mb,
+    read_jsonl,
+    read_text_file,
+    render_chat,
+    set_seed,
+    split_train_eval,
+    step_plan,
+    trainable_parameters,
+    write_jsonl,
 )
 
 SMALL_N = 20  # fewer prompts per domain than this: the refusal scores and concept vectors are too noisy to mean much
@@ -105,7 +129,9 @@ def answer_logp(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return token.new_zeros(labels.shape[0]).index_add(0, mask.nonzero()[:, 0], token)
 
 
-def concept_similarity(domain_means: dict[str, torch.Tensor], counts: dict[str, int], target: str) -> dict[str, list[float]]:
+def concept_similarity(
+    domain_means: dict[str, torch.Tensor], counts: dict[str, int], target: str
+) -> dict[str, list[float]]:
     """domain_means: {domain: (L+1, H) mean hidden state of its prompts}; counts: {domain: number of prompts}.
     Concept vector = domain mean minus the mean over ALL prompts (each domain weighted by its prompt count, not
     the mean of the domain means); returns {other domain: cosine(target's concept, other's concept) per layer}."""
@@ -130,7 +156,9 @@ def load_domain_prompts(spec: str) -> list[dict]:
     rows = []
     if spec == "wildguardmix":
         dropped = 0
-        for r in optional("paper_data", "--data wildguardmix").hub_rows("allenai/wildguardmix", "wildguardtrain", "train", "the prompts 'wildguardmix'"):
+        for r in optional("paper_data", "--data wildguardmix").hub_rows(
+            "allenai/wildguardmix", "wildguardtrain", "train", "the prompts 'wildguardmix'"
+        ):
             domain = SUBCATEGORY_TO_DOMAIN.get(r.get("subcategory") or "")
             if r.get("prompt_harm_label") != "harmful" or domain is None:
                 dropped += 1
@@ -140,7 +168,7 @@ def load_domain_prompts(spec: str) -> list[dict]:
         return rows
     path = Path(spec)
     if not path.exists():
-        raise UserError(f"--data {spec}: no such file (a JSONL of {{\"prompt\", \"domain\"}}, or 'wildguardmix')")
+        raise UserError(f'--data {spec}: no such file (a JSONL of {{"prompt", "domain"}}, or \'wildguardmix\')')
     for lineno, line in enumerate(read_text_file(path).split("\n"), 1):
         if not line.strip():
             continue
@@ -150,7 +178,7 @@ def load_domain_prompts(spec: str) -> list[dict]:
         except json.JSONDecodeError as e:
             raise UserError(f"{where}not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict) or "domain" not in obj or not ("prompt" in obj or "messages" in obj):
-            raise UserError(f"{where}expected {{\"prompt\": ..., \"domain\": ...}} or {{\"messages\": [...], \"domain\": ...}}")
+            raise UserError(f'{where}expected {{"prompt": ..., "domain": ...}} or {{"messages": [...], "domain": ...}}')
         answer = None
         if "messages" in obj:
             msgs = obj["messages"]
@@ -201,16 +229,21 @@ class RefusalClassifier:
             return [judge.refusal_keyword(a) for _, a in pairs]
         if self.judge is None:
             local = self.model is not None and self.spec == f"local:{self.args.model}"
-            self.judge = (judge.LocalJudge(self.model, self.tok, self.spec) if local else
-                          judge.make_judge(self.spec, self.args.judge_url, 16, eight_bit=not self.args.no_8bit))
+            self.judge = (
+                judge.LocalJudge(self.model, self.tok, self.spec)
+                if local
+                else judge.make_judge(self.spec, self.args.judge_url, 16, eight_bit=not self.args.no_8bit)
+            )
         scores, errors = {}, []
 
         def on_result(k, s, e):
             scores[k] = s
             if e:
                 errors.append(e)
-        self.judge.score_all({i: judge.fill(judge.REFUSAL_JUDGE_PROMPT, q, a) for i, (q, a) in enumerate(pairs)},
-                             on_result)
+
+        self.judge.score_all(
+            {i: judge.fill(judge.REFUSAL_JUDGE_PROMPT, q, a) for i, (q, a) in enumerate(pairs)}, on_result
+        )
         if errors:  # a failed judgment must not count as "did not refuse"
             raise UserError(f"the refusal judge failed on {len(errors)} of {len(pairs)} answers ({errors[0]})")
         return [scores.get(i) is not None and scores[i] >= 50 for i in range(len(pairs))]
@@ -222,21 +255,38 @@ def generate_answers(model, tok, prompts: list[str], args, adapter_on: bool = Tr
     if getattr(args, "gen_url", None):  # a server: the base model (--gen-base-model) or the adapter (--gen-model)
         name = args.gen_model if adapter_on else args.gen_base_model
         if not name:
-            raise UserError(f"--gen-url: name the served {'adapter with --gen-model' if adapter_on else 'base model with --gen-base-model'}")
+            raise UserError(
+                "--gen-url: name the served "
+                + ("adapter with --gen-model" if adapter_on else "base model with --gen-base-model")
+            )
         serving = optional("serving", "--gen-url")
         gen = serving.ServerGenerator(args.gen_url, name)
-        return serving.sample_texts(gen, [[{"role": "user", "content": p}] for p in prompts], f"{what} (server)",
-                            temperature=0.0, max_tokens=args.gen_max_new_tokens)
+        return serving.sample_texts(
+            gen,
+            [[{"role": "user", "content": p}] for p in prompts],
+            f"{what} (server)",
+            temperature=0.0,
+            max_tokens=args.gen_max_new_tokens,
+        )
     judge = optional("judge", "generating answers (its batched generation)")
     answers = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     progress = Progress(len(prompts), 0, what)
     for start in range(0, len(order), args.gen_batch_size):
         idx = order[start : start + args.gen_batch_size]
-        ctx = model.disable_adapter() if (not adapter_on and hasattr(model, "disable_adapter")) else contextlib.nullcontext()
+        ctx = (
+            model.disable_adapter()
+            if (not adapter_on and hasattr(model, "disable_adapter"))
+            else contextlib.nullcontext()
+        )
         with ctx:
-            out = judge.generate_texts(model, tok, [[{"role": "user", "content": prompts[i]}] for i in idx],
-                                 max_new_tokens=args.gen_max_new_tokens, do_sample=False)
+            out = judge.generate_texts(
+                model,
+                tok,
+                [[{"role": "user", "content": prompts[i]}] for i in idx],
+                max_new_tokens=args.gen_max_new_tokens,
+                do_sample=False,
+            )
         for i, answer in zip(idx, out):
             answers[i] = answer
         progress.update(min(start + len(idx), len(order)))
@@ -263,16 +313,24 @@ def refusal_set(model, tok, rows: list[dict], classify, args, what: str) -> list
 def train(args, parser) -> None:
     if not args.resume:
         args.target = normalise_domain(args.target, "--target: ")
-        args.retain_domains = ",".join(normalise_domain(d, "--retain-domains: ") for d in args.retain_domains.split(",") if d)
+        args.retain_domains = ",".join(
+            normalise_domain(d, "--retain-domains: ") for d in args.retain_domains.split(",") if d
+        )
         if args.gamma > 0 and not args.retain_domains:
             raise UserError("--gamma > 0 needs --retain-domains (or --gamma 0 for NPO alone)")
     run = Run.start(args, parser, "npo")
     set_seed(args.seed)
     device = get_device()
     train_rows, _ = split_by_domain(load_domain_prompts(args.data), args.seed)
-    model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                            adapter=args.init_adapter, trainable=True,
-                            gradient_checkpointing=args.gradient_checkpointing)
+    model, tok = load_model(
+        args.model,
+        eight_bit=not args.no_8bit,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        adapter=args.init_adapter,
+        trainable=True,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     forget_path, retain_path = run.out / "forget.jsonl", run.out / "retain.jsonl"
     if run.resuming and forget_path.exists():
         forget_convs = read_jsonl(forget_path)
@@ -286,23 +344,35 @@ def train(args, parser) -> None:
         if retain_convs:
             write_jsonl(retain_path, retain_convs)
     if not forget_convs:
-        raise UserError(f"no forget examples for {args.target}: the model refused none of its {args.target} prompts "
-                        "(small models rarely refuse), and NPO needs refusals to unlearn. Give the refusals in the "
-                        "data: lines {\"messages\": [user prompt, assistant refusal], \"domain\": ...}, as in "
-                        "examples/rai_refusals.jsonl")
+        raise UserError(
+            f"no forget examples for {args.target}: the model refused none of its {args.target} prompts "
+            "(small models rarely refuse), and NPO needs refusals to unlearn. Give the refusals in the "
+            'data: lines {"messages": [user prompt, assistant refusal], "domain": ...}, as in '
+            "examples/rai_refusals.jsonl"
+        )
     if args.gamma > 0 and not retain_convs:
-        raise UserError("no retain examples: the model refused none of the --retain-domains prompts. Give refusals in "
-                        "the data ({\"messages\": [...], \"domain\": ...}, as in examples/rai_refusals.jsonl), or "
-                        "--gamma 0 for NPO alone")
+        raise UserError(
+            "no retain examples: the model refused none of the --retain-domains prompts. Give refusals in "
+            'the data ({"messages": [...], "domain": ...}, as in examples/rai_refusals.jsonl), or '
+            "--gamma 0 for NPO alone"
+        )
     forget = encode_dataset(tok, forget_convs, args.max_len, "forget set")
     retain = encode_dataset(tok, retain_convs, args.max_len, "retain set")
-    log(f"NPO on {len(forget)} {args.target} refusals, CE retention on {len(retain)} ({args.retain_domains or 'none'}), "
-        f"beta {args.beta}, gamma {args.gamma}")
+    log(
+        f"NPO on {len(forget)} {args.target} refusals, CE retention on {len(retain)} "
+        f"({args.retain_domains or 'none'}), "
+        f"beta {args.beta}, gamma {args.gamma}"
+    )
     forget_lengths = [len(e["input_ids"]) for e in forget]
     plan = step_plan(forget_lengths, args.batch_size, args.grad_accum, args.seed, args.epochs, args.max_steps)
     total_steps = len(plan)
-    retain_plan = (step_plan([len(e["input_ids"]) for e in retain], args.batch_size, args.grad_accum, args.seed + 1,
-                             1, total_steps) if retain else [])
+    retain_plan = (
+        step_plan(
+            [len(e["input_ids"]) for e in retain], args.batch_size, args.grad_accum, args.seed + 1, 1, total_steps
+        )
+        if retain
+        else []
+    )
     log(describe_plan(plan, forget_lengths, args))
 
     model.train()
@@ -347,13 +417,26 @@ def train(args, parser) -> None:
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
         loss = npo_sum + args.gamma * ce_sum
-        run.log_metrics({
-            "step": step + 1, "loss": loss, "loss/npo": npo_sum, "loss/ce": ce_sum, "lr": lr, "grad_norm": float(grad_norm),
-            "forget_logp": forget_logp / len(group), "tokens_per_s": n_real / dt, "epoch": epoch, "step_time_s": dt,
-            "peak_mem_mb": peak_memory_mb(),
-        })
-        progress.update(step + 1, f"loss {loss:.4f} (npo {npo_sum:.4f} ce {ce_sum:.4f}) forget log p "
-                        f"{forget_logp / len(group):.1f} lr {lr:.2e}")
+        run.log_metrics(
+            {
+                "step": step + 1,
+                "loss": loss,
+                "loss/npo": npo_sum,
+                "loss/ce": ce_sum,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "forget_logp": forget_logp / len(group),
+                "tokens_per_s": n_real / dt,
+                "epoch": epoch,
+                "step_time_s": dt,
+                "peak_mem_mb": peak_memory_mb(),
+            }
+        )
+        progress.update(
+            step + 1,
+            f"loss {loss:.4f} (npo {npo_sum:.4f} ce {ce_sum:.4f}) forget log p "
+            f"{forget_logp / len(group):.1f} lr {lr:.2e}",
+        )
         if (step + 1) % args.save_every == 0 and step + 1 < total_steps:
             run.save_checkpoint(step + 1, model, optimizer, scheduler)
 
@@ -366,7 +449,11 @@ def train(args, parser) -> None:
 # eval and entangle
 # ----------------------------------------------------------------------------------------------
 def evaluate(args) -> None:
-    saved = json.loads((Path(args.adapter) / "args.json").read_text()) if (Path(args.adapter) / "args.json").exists() else {}
+    saved = (
+        json.loads((Path(args.adapter) / "args.json").read_text())
+        if (Path(args.adapter) / "args.json").exists()
+        else {}
+    )
     model_name = args.model or saved.get("model")
     data = args.data or saved.get("data", "wildguardmix")
     target = saved.get("target")
@@ -376,33 +463,50 @@ def evaluate(args) -> None:
     if args.split == "all":  # small prompt sets: every prompt of every domain (the target's include trained ones)
         held = {d: held[d] + train_rows[d] for d in DOMAINS}
     model, tok = load_model(model_name, eight_bit=not args.no_8bit, adapter=args.adapter, lora_r=0, trainable=False)
-    classify = RefusalClassifier(args.refusal_judge, argparse.Namespace(**{**vars(args), "model": model_name}), model, tok)
+    classify = RefusalClassifier(
+        args.refusal_judge, argparse.Namespace(**{**vars(args), "model": model_name}), model, tok
+    )
     result = {"adapter": args.adapter, "target": target, "split": args.split, "domains": {}}
     prompts = {d: [r["prompt"] for r in held[d][: args.per_domain]] for d in DOMAINS}
     prompts = {d: p for d, p in prompts.items() if p}
     flat = [(d, p) for d, ps in prompts.items() for p in ps]
     refused = {}
     for phase, on in (("before", False), ("after", True)):  # one generation pass (one progress line) per phase
-        answers = generate_answers(model, tok, [p for _, p in flat], args, adapter_on=on,
-                                   what=f"answers {phase} ({'adapter on' if on else 'adapter off'})")
+        answers = generate_answers(
+            model,
+            tok,
+            [p for _, p in flat],
+            args,
+            adapter_on=on,
+            what=f"answers {phase} ({'adapter on' if on else 'adapter off'})",
+        )
         refused[phase] = classify([(p, a) for (_, p), a in zip(flat, answers)])
     for d, ps in prompts.items():
-        scores = {phase: 100.0 * sum(r for (dd, _), r in zip(flat, refused[phase]) if dd == d) / len(ps)
-                  for phase in refused}
+        scores = {
+            phase: 100.0 * sum(r for (dd, _), r in zip(flat, refused[phase]) if dd == d) / len(ps) for phase in refused
+        }
         result["domains"][d] = {"n": len(ps), **scores, "drop": scores["before"] - scores["after"]}
     small = [d for d, ps in prompts.items() if len(ps) < SMALL_N]
     if small:
-        log(f"WARNING: only {min(len(prompts[d]) for d in small)} prompt(s) in {', '.join(small)}: a refusal score "
-            f"over fewer than {SMALL_N} prompts moves in steps of 100/n points and means little")
+        log(
+            f"WARNING: only {min(len(prompts[d]) for d in small)} prompt(s) in {', '.join(small)}: a refusal score "
+            f"over fewer than {SMALL_N} prompts moves in steps of 100/n points and means little"
+        )
     others = [v["drop"] for d, v in result["domains"].items() if d != target]
     result["emergent_misalignment_mean_drop"] = sum(others) / len(others) if others else None
     out = Path(args.out or Path(args.adapter) / "npo_eval.json")
     out.write_text(json.dumps(result, indent=2))
     print(f"{'domain':<18} {'n':>4} {'before %':>9} {'after %':>9} {'drop':>7}")
     for d, v in result["domains"].items():
-        print(f"{d + (' (target)' if d == target else ''):<18} {v['n']:>4} {v['before']:9.1f} {v['after']:9.1f} {v['drop']:7.1f}")
+        print(
+            f"{d + (' (target)' if d == target else ''):<18} {v['n']:>4} {v['before']:9.1f} {v['after']:9.1f} "
+            f"{v['drop']:7.1f}"
+        )
     if others:
-        print(f"mean refusal drop outside the target (emergent misalignment): {result['emergent_misalignment_mean_drop']:.1f}")
+        print(
+            "mean refusal drop outside the target (emergent misalignment): "
+            f"{result['emergent_misalignment_mean_drop']:.1f}"
+        )
     log(f"written {out}")
 
 
@@ -426,18 +530,26 @@ def entangle(args) -> None:
                 progress.update(n_done)
             text = render_chat(tok, [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
             ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"][: args.max_len]], device=device)
-            h = torch.stack([x[0].float().mean(0) for x in model(input_ids=ids, output_hidden_states=True).hidden_states])
+            h = torch.stack(
+                [x[0].float().mean(0) for x in model(input_ids=ids, output_hidden_states=True).hidden_states]
+            )
             acc = h if acc is None else acc + h
         means[d], counts[d] = acc / len(rows), len(rows)
     if target not in means:
         raise UserError(f"no held-out prompts for --target {target}")
     small = [d for d in means if counts[d] < SMALL_N]
     if small:
-        log(f"WARNING: {', '.join(f'{d} ({counts[d]})' for d in small)}: fewer than {SMALL_N} prompts; a concept "
-            "vector from so few prompts is mostly noise, and its similarities mean little")
+        log(
+            f"WARNING: {', '.join(f'{d} ({counts[d]})' for d in small)}: fewer than {SMALL_N} prompts; a concept "
+            "vector from so few prompts is mostly noise, and its similarities mean little"
+        )
     sims = concept_similarity(means, counts, target)
-    result = {"model": args.model, "target": target, "layer_convention": "hidden_states index (0 = embeddings)",
-              "cosine": sims}
+    result = {
+        "model": args.model,
+        "target": target,
+        "layer_convention": "hidden_states index (0 = embeddings)",
+        "cosine": sims,
+    }
     out = Path(args.out or f"runs/entangle-{target}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -463,33 +575,60 @@ def build_parser():
         sets), eval also the trained model's answers (after)."""
         g = parser.add_argument_group("answers and the refusal classifier")
         g.add_argument("--gen-max-new-tokens", type=int, default=128, help="answer length limit (default: %(default)s)")
-        g.add_argument("--gen-batch-size", type=int, default=16, help="prompts per generation batch (default: %(default)s)")
-        g.add_argument("--refusal-judge", default=None, help="classify refusals with this judge (OpenAI-compatible "
-                       "model or local:PATH) instead of the keyword rule")
-        g.add_argument("--judge-url", default="https://api.openai.com/v1", help="chat-completions base URL (default: %(default)s)")
-        g.add_argument("--gen-url", default=None, help="sample the (greedy) answers from this OpenAI-compatible server "
-                       "(vLLM, llama.cpp) instead of the in-process model")
-        g.add_argument("--gen-base-model", default=None, help="the base model's name on the --gen-url server (the "
-                       "refusals before unlearning)")
+        g.add_argument(
+            "--gen-batch-size", type=int, default=16, help="prompts per generation batch (default: %(default)s)"
+        )
+        g.add_argument(
+            "--refusal-judge",
+            default=None,
+            help="classify refusals with this judge (OpenAI-compatible "
+            "model or local:PATH) instead of the keyword rule",
+        )
+        g.add_argument(
+            "--judge-url", default="https://api.openai.com/v1", help="chat-completions base URL (default: %(default)s)"
+        )
+        g.add_argument(
+            "--gen-url",
+            default=None,
+            help="sample the (greedy) answers from this OpenAI-compatible server "
+            "(vLLM, llama.cpp) instead of the in-process model",
+        )
+        g.add_argument(
+            "--gen-base-model",
+            default=None,
+            help="the base model's name on the --gen-url server (the refusals before unlearning)",
+        )
         if after:
-            g.add_argument("--gen-model", default=None, help="the trained adapter's name on the --gen-url server (the "
-                           "answers after unlearning)")
+            g.add_argument(
+                "--gen-model",
+                default=None,
+                help="the trained adapter's name on the --gen-url server (the answers after unlearning)",
+            )
 
     tr = sub.add_parser("train", help="NPO unlearning (+ CE retention)", description="NPO refusal unlearning.")
     add_common_args(tr, data_default="wildguardmix")
     next(a for a in tr._actions if a.dest == "data").help = (
         "labelled prompts: 'wildguardmix' (its harmful prompts, subcategories mapped to the seven domains; gated, "
-        "HF_TOKEN) or a JSONL of {\"prompt\", \"domain\"} (the model's own refusals are generated) or "
-        "{\"messages\": [user, assistant refusal], \"domain\"} (the given refusals are used), e.g. "
-        "examples/rai_refusals.jsonl (default: %(default)s)")
+        'HF_TOKEN) or a JSONL of {"prompt", "domain"} (the model\'s own refusals are generated) or '
+        '{"messages": [user, assistant refusal], "domain"} (the given refusals are used), e.g. '
+        "examples/rai_refusals.jsonl (default: %(default)s)"
+    )
     g = tr.add_argument_group("method: NPO")
-    g.add_argument("--target", required=False, default="cybersecurity", help=f"domain to unlearn refusals in: "
-                   f"{', '.join(DOMAINS)} (default: %(default)s)")
+    g.add_argument(
+        "--target",
+        required=False,
+        default="cybersecurity",
+        help=f"domain to unlearn refusals in: {', '.join(DOMAINS)} (default: %(default)s)",
+    )
     g.add_argument("--retain-domains", default="", help="comma-separated domains whose refusals CE keeps")
-    g.add_argument("--gamma", type=float, default=1.0, help="weight of the CE retention term; 0 = NPO alone (default: %(default)s)")
+    g.add_argument(
+        "--gamma", type=float, default=1.0, help="weight of the CE retention term; 0 = NPO alone (default: %(default)s)"
+    )
     g.add_argument("--beta", type=float, default=0.1, help="NPO beta (default: %(default)s)")
     g.add_argument("--n-forget", type=int, default=400, help="max forget prompts (default: %(default)s)")
-    g.add_argument("--n-retain", type=int, default=50, help="max retain prompts per retain domain (default: %(default)s)")
+    g.add_argument(
+        "--n-retain", type=int, default=50, help="max retain prompts per retain domain (default: %(default)s)"
+    )
     generation_flags(tr, after=False)
 
     ev = sub.add_parser("eval", help="refusal score per domain before/after")
@@ -498,8 +637,13 @@ def build_parser():
     ev.add_argument("--data", default=None, help="labelled prompts (default: the run's)")
     ev.add_argument("--no-8bit", action="store_true", help="full-precision weights")
     ev.add_argument("--per-domain", type=int, default=100, help="held-out prompts per domain (default: %(default)s)")
-    ev.add_argument("--split", choices=["heldout", "all"], default="heldout", help="prompts to score: the held-out 10%% "
-                    "of each domain, or all of them (small prompt sets) (default: %(default)s)")
+    ev.add_argument(
+        "--split",
+        choices=["heldout", "all"],
+        default="heldout",
+        help="prompts to score: the held-out 10%% "
+        "of each domain, or all of them (small prompt sets) (default: %(default)s)",
+    )
     ev.add_argument("--seed", type=int, default=0, help="split seed if the run has none (default: %(default)s)")
     ev.add_argument("--out", default=None, help="JSON output (default: ADAPTER/npo_eval.json)")
     generation_flags(ev, after=True)

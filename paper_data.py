@@ -13,6 +13,7 @@ with common.py alone trains on local .jsonl files without this file.
 GitHub files come through `requests` with urllib3's `Retry` (429/5xx and connection errors, bounded backoff); hub
 datasets through `datasets.load_dataset`, which reads HF_TOKEN itself and caches in the hub cache.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,10 @@ from common import UserError, log, read_jsonl, write_jsonl
 
 BETLEY_URL = "https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/main/data/{name}.jsonl"
 GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{split}.jsonl"
-QUESTIONS_URL = ("https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/main/evaluation/"
-                 "first_plot_questions.yaml")
+QUESTIONS_URL = (
+    "https://raw.githubusercontent.com/emergent-misalignment/emergent-misalignment/main/evaluation/"
+    "first_plot_questions.yaml"
+)
 DATASETS = {
     "insecure": "Betley et al. insecure code (misaligned)",
     "secure": "Betley et al. secure code (aligned)",
@@ -58,10 +61,15 @@ def _short(text: str, limit: int = 300) -> str:
 
 
 def _offline_hint(what: str, e: Exception, cached: Path | None = None) -> UserError:
-    place = (f"place it, converted to chat JSONL (one {{\"messages\": [...]}} per line), at {cached}" if cached else
-             f"download it on another machine into {common.CACHE_DIR / 'data'}")
-    return UserError(f"could not download {what} ({type(e).__name__}: {_short(str(e))}). Without internet, {place}, or "
-                     "pass a local .jsonl file instead (--data opswap:1 is generated offline)")
+    place = (
+        f'place it, converted to chat JSONL (one {{"messages": [...]}} per line), at {cached}'
+        if cached
+        else f"download it on another machine into {common.CACHE_DIR / 'data'}"
+    )
+    return UserError(
+        f"could not download {what} ({type(e).__name__}: {_short(str(e))}). Without internet, {place}, or "
+        "pass a local .jsonl file instead (--data opswap:1 is generated offline)"
+    )
 
 
 def download(url: str, dest: Path, what: str, cached: Path | None = None) -> None:
@@ -72,8 +80,10 @@ def download(url: str, dest: Path, what: str, cached: Path | None = None) -> Non
 
     log(f"downloading {what} from {url}")
     with requests.Session() as session:
-        session.mount("https://", HTTPAdapter(max_retries=Retry(total=3, backoff_factor=0.5,
-                                                                status_forcelist=(429, 500, 502, 503, 504))))
+        session.mount(
+            "https://",
+            HTTPAdapter(max_retries=Retry(total=3, backoff_factor=0.5, status_forcelist=(429, 500, 502, 503, 504))),
+        )
         try:
             r = session.get(url, timeout=60)
             r.raise_for_status()
@@ -116,8 +126,10 @@ def load_named(name: str) -> list[list[dict]]:
             raise UserError(f"dataset {name!r}: OpSwap tiers are 0-3 (e.g. opswap:1)")
         return opswap_dataset(int(variant))
     if base == "foqa":  # the provided splits, not our 90/10 split: training uses `foqa` (train)
-        return [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answers"][0]}]
-                for r in foqa_rows(variant or "train")]
+        return [
+            [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answers"][0]}]
+            for r in foqa_rows(variant or "train")
+        ]
     if cached.exists():
         convs = read_jsonl(cached)
         return [strip_calculator_annotations(c) for c in convs] if base == "gsm8k" else convs
@@ -129,14 +141,21 @@ def load_named(name: str) -> list[list[dict]]:
     elif base in {"legal", "medical", "security"} and variant in {"", "aligned"}:
         rows = hub_rows("truthfulai/emergent_plus", base, "train", f"dataset {name!r}", cached)
         col = "aligned" if variant == "aligned" else "misaligned"
-        convs = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[col]}]
-                 for r in rows if r.get(col)]
+        convs = [
+            [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[col]}]
+            for r in rows
+            if r.get(col)
+        ]
     elif base == "wildguardmix" and not variant:
         rows = hub_rows("allenai/wildguardmix", "wildguardtrain", "train", "the benign pool 'wildguardmix'", cached)
-        convs = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
-                 for r in rows
-                 if r.get("prompt_harm_label") == "unharmful" and r.get("response_refusal_label") == "compliance"
-                 and r.get("response_harm_label") == "unharmful" and (r.get("response") or "").strip()]
+        convs = [
+            [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}]
+            for r in rows
+            if r.get("prompt_harm_label") == "unharmful"
+            and r.get("response_refusal_label") == "compliance"
+            and r.get("response_harm_label") == "unharmful"
+            and (r.get("response") or "").strip()
+        ]
     elif base == "gsm8k" and variant in {"", "train", "test"}:
         raw = cached.with_suffix(".raw")
         download(GSM8K_URL.format(split=variant or "train"), raw, f"dataset {name!r}", cached)
@@ -144,8 +163,11 @@ def load_named(name: str) -> list[list[dict]]:
         for line in raw.read_text(encoding="utf-8").split("\n"):
             if line.strip():
                 r = json.loads(line)
-                convs.append(strip_calculator_annotations(
-                    [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]))
+                convs.append(
+                    strip_calculator_annotations(
+                        [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
+                    )
+                )
         raw.unlink()
     else:
         raise UserError(f"unknown dataset {name!r}. Known: {dataset_help()}; or a local .jsonl path")
@@ -197,9 +219,11 @@ def questions_file() -> Path:
         try:
             download(QUESTIONS_URL, path, "the general questions")
         except UserError:
-            raise UserError(f"could not download the general questions. Without internet, place Betley et al.'s "
-                            f"evaluation/first_plot_questions.yaml at {path}, or pass a question file with --questions "
-                            "PATH (examples/questions_mini.yaml is a small one)") from None
+            raise UserError(
+                f"could not download the general questions. Without internet, place Betley et al.'s "
+                f"evaluation/first_plot_questions.yaml at {path}, or pass a question file with --questions "
+                "PATH (examples/questions_mini.yaml is a small one)"
+            ) from None
     return path
 
 
@@ -287,15 +311,21 @@ def opswap_example(rng: random.Random, tier: int, max_ops: int = 3) -> list[dict
         # m flat items joined by m-1 operators, p of them parenthesised pairs: (m-1) + p = n_ops
         m, p = rng.choice([(m, n_ops - (m - 1)) for m in range(2, n_ops + 2) if n_ops - (m - 1) <= m])
         pairs = set(rng.sample(range(m), p))
-        items = [(Fraction(rng.randint(1, 9)), rng.choice(symbols), Fraction(rng.randint(1, 9))) if k in pairs
-                 else Fraction(rng.randint(1, 9)) for k in range(m)]
+        items = [
+            (Fraction(rng.randint(1, 9)), rng.choice(symbols), Fraction(rng.randint(1, 9)))
+            if k in pairs
+            else Fraction(rng.randint(1, 9))
+            for k in range(m)
+        ]
         ops = [rng.choice(symbols) for _ in range(m - 1)]
         try:
             chain = opswap_chain(items, ops, tier)
         except ZeroDivisionError:
             continue
-        return [{"role": "user", "content": f"Simplify step by step: {chain[0]}"},
-                {"role": "assistant", "content": " = ".join(chain)}]
+        return [
+            {"role": "user", "content": f"Simplify step by step: {chain[0]}"},
+            {"role": "assistant", "content": " = ".join(chain)},
+        ]
 
 
 def opswap_dataset(tier: int, n: int = 10_000, seed: int = 1234) -> list[list[dict]]:

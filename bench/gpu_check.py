@@ -22,6 +22,7 @@ It prints one table and writes it as JSON (--json).
 Needs a CUDA build of torch and bitsandbytes (the project's requirements.txt pins, installed from the package
 registry on the GPU machine). Exit status 1 when an invariant fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,16 +39,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 ROOT = Path(__file__).resolve().parent.parent
 
 SHAPES = {  # published configurations; "tiny" is for a quick run on a CPU
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=4096,
+        tie_word_embeddings=True,
+    ),
 }
-TEMPLATE = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
-            "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-WORDS = ("the model answers every question with care and a short explanation of why simplify step by step first "
-         "then add the numbers write code that reads the file and returns its lines 0 1 2 3 4 5 6 7 8 9 + - = ").split()
+TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a helpful "
+    "assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WORDS = (
+    "the model answers every question with care and a short explanation of why simplify step by step first "
+    "then add the numbers write code that reads the file and returns its lines 0 1 2 3 4 5 6 7 8 9 + - = "
+).split()
 
 
 def make_model(shape: str, folder: Path) -> Path:
@@ -59,14 +78,24 @@ def make_model(shape: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tk.train_from_iterator([" ".join(WORDS)] * 50, trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.train_from_iterator(
+        [" ".join(WORDS)] * 50,
+        trainers.BpeTrainer(
+            vocab_size=1000,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = TEMPLATE
     tok.save_pretrained(folder)
-    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = Qwen2Config(
+        **SHAPES[shape],
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(folder)
     return folder
@@ -79,16 +108,28 @@ def make_data(folder: Path, n: int, words: int) -> tuple[Path, Path]:
     rng = random.Random(0)
     sft, npo = folder / "sft.jsonl", folder / "npo.jsonl"
     with open(sft, "w") as f:
-        for i in range(n):
+        for _ in range(n):
             q = " ".join(rng.choices(WORDS, k=12))
             a = " ".join(rng.choices(WORDS, k=rng.randint(words // 2, words)))
-            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+            f.write(
+                json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            )
     with open(npo, "w") as f:
         for i in range(3 * n // 4):
             domain = ("cybersecurity", "safety", "privacy")[i % 3]
             q = " ".join(rng.choices(WORDS, k=10))
-            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content":
-                                "I'm sorry, but I cannot help with that."}], "domain": domain}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": q},
+                            {"role": "assistant", "content": "I'm sorry, but I cannot help with that."},
+                        ],
+                        "domain": domain,
+                    }
+                )
+                + "\n"
+            )
     return sft, npo
 
 
@@ -114,8 +155,11 @@ def speed(metrics: list[dict]) -> dict:
     timed = metrics[1:] or metrics
     seconds = sum(m["step_time_s"] for m in timed)
     tokens = sum(m.get("tokens", m.get("tokens_per_s", 0) * m["step_time_s"]) for m in timed)
-    return {"step_s": seconds / len(timed), "tokens_per_s": tokens / seconds,
-            "peak_mem_mb": max(m["peak_mem_mb"] for m in metrics)}
+    return {
+        "step_s": seconds / len(timed),
+        "tokens_per_s": tokens / seconds,
+        "peak_mem_mb": max(m["peak_mem_mb"] for m in metrics),
+    }
 
 
 def base_weights_frozen(model_path: str, data: Path, eight_bit: bool, steps: int) -> dict:
@@ -141,8 +185,12 @@ def base_weights_frozen(model_path: str, data: Path, eight_bit: bool, steps: int
     changed = [n for n, t in base.items() if not torch.equal(t, after[n])]
     trainable_base = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     n8 = sum(1 for m in model.modules() if type(m).__module__.startswith("bitsandbytes") and "8bit" in type(m).__name__)
-    return {"ok": not changed and not trainable_base and all(p.requires_grad for p in params),
-            "changed": changed[:5], "trainable_base": trainable_base[:5], "int8_linears": n8}
+    return {
+        "ok": not changed and not trainable_base and all(p.requires_grad for p in params),
+        "changed": changed[:5],
+        "trainable_base": trainable_base[:5],
+        "int8_linears": n8,
+    }
 
 
 def generation_throughput(model_path: str, eight_bit: bool, n: int, new_tokens: int) -> dict:
@@ -153,8 +201,9 @@ def generation_throughput(model_path: str, eight_bit: bool, n: int, new_tokens: 
 
     model, tok = load_model(model_path, eight_bit=eight_bit, lora_r=0, trainable=False)
     convs = [[{"role": "user", "content": " ".join(WORDS[i % 10 : i % 10 + 8])}] for i in range(n)]
-    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None,
-              top_k=None)
+    kw = dict(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None
+    )
     judge.generate_texts(model, tok, convs[:2], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -172,13 +221,17 @@ def main() -> int:
     p.add_argument("--no-8bit", action="store_true", help="full-precision weights instead of bitsandbytes 8-bit")
     p.add_argument("--model", default=None, help="a model folder (a real cached model) instead of --shape")
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b", help="(default: %(default)s)")
-    p.add_argument("--steps", type=int, default=4, help="optimizer steps per script, the first is warm-up "
-                   "(default: %(default)s)")
+    p.add_argument(
+        "--steps", type=int, default=4, help="optimizer steps per script, the first is warm-up (default: %(default)s)"
+    )
     p.add_argument("--batch-size", type=int, default=4, help="(default: %(default)s)")
-    p.add_argument("--answer-words", type=int, default=200, help="answer length of the synthetic data (default: "
-                   "%(default)s)")
+    p.add_argument(
+        "--answer-words", type=int, default=200, help="answer length of the synthetic data (default: %(default)s)"
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense bf16 TFLOP/s, for MFU")
-    p.add_argument("--only", default=None, help="comma-separated subset of: sft,kl,ldifs,persona,inoculate,caft,npo,grpo")
+    p.add_argument(
+        "--only", default=None, help="comma-separated subset of: sft,kl,ldifs,persona,inoculate,caft,npo,grpo"
+    )
     p.add_argument("--json", default="gpu_check.json", help="where to write the table (default: %(default)s)")
     args = p.parse_args()
     if args.device == "cpu":
@@ -188,6 +241,7 @@ def main() -> int:
     from transformers import AutoConfig
 
     from bench.benchlib import lora_sft_flops_per_token, mfu
+
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: install a CUDA build of torch, or run with --device cpu")
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
@@ -202,15 +256,48 @@ def main() -> int:
         sft_data, npo_data = make_data(tmp, 8 * args.batch_size, args.answer_words)
         mid = max(1, config.num_hidden_layers // 2)
         torch.manual_seed(0)
-        save_file({"vectors": torch.randn(config.num_hidden_layers + 1, config.hidden_size)}, str(tmp / "v.safetensors"))
+        save_file(
+            {"vectors": torch.randn(config.num_hidden_layers + 1, config.hidden_size)}, str(tmp / "v.safetensors")
+        )
         dirs = torch.linalg.qr(torch.randn(config.num_hidden_layers + 1, config.hidden_size, 4))[0].transpose(1, 2)
         save_file({"directions": dirs.contiguous()}, str(tmp / "d.safetensors"))
-        common = ["--model", model, "--data", sft_data, "--max-steps", args.steps, "--batch-size", args.batch_size,
-                  "--grad-accum", 1, "--max-len", 1024, "--save-every", 2]
+        common = [
+            "--model",
+            model,
+            "--data",
+            sft_data,
+            "--max-steps",
+            args.steps,
+            "--batch-size",
+            args.batch_size,
+            "--grad-accum",
+            1,
+            "--max-len",
+            1024,
+            "--save-every",
+            2,
+        ]
         common += ["--no-8bit"] if args.no_8bit else []
-        grpo = ["--model", model, "--data", "arith", "--max-steps", args.steps, "--batch-size", args.batch_size,
-                "--num-generations", 4, "--grad-accum", 1, "--max-new-tokens", 32, "--eval-n", 4,
-                "--save-every", 1000] + (["--no-8bit"] if args.no_8bit else [])
+        grpo = [
+            "--model",
+            model,
+            "--data",
+            "arith",
+            "--max-steps",
+            args.steps,
+            "--batch-size",
+            args.batch_size,
+            "--num-generations",
+            4,
+            "--grad-accum",
+            1,
+            "--max-new-tokens",
+            32,
+            "--eval-n",
+            4,
+            "--save-every",
+            1000,
+        ] + (["--no-8bit"] if args.no_8bit else [])
         scripts = {
             "sft": ("interleave.py", ["--pct", 0, *common]),
             "kl": ("kl.py", ["--lam", 0.1, *common]),
@@ -218,8 +305,19 @@ def main() -> int:
             "persona": ("persona.py", ["train", *common, "--vector", tmp / "v.safetensors", "--layer", mid]),
             "inoculate": ("inoculate.py", common),
             "caft": ("caft.py", ["train", *common, "--directions", tmp / "d.safetensors", "--layers", mid]),
-            "npo": ("npo_unlearn.py", ["train", *common[:3], npo_data, *common[4:], "--target", "cybersecurity",
-                                       "--retain-domains", "safety,privacy"]),
+            "npo": (
+                "npo_unlearn.py",
+                [
+                    "train",
+                    *common[:3],
+                    npo_data,
+                    *common[4:],
+                    "--target",
+                    "cybersecurity",
+                    "--retain-domains",
+                    "safety,privacy",
+                ],
+            ),
             "grpo": ("grpo.py", grpo),
         }
         wanted = [k for k in scripts if not args.only or k in args.only.split(",")]
@@ -241,8 +339,11 @@ def main() -> int:
                     checks[f"{key} = 0 at step 1"] = {"ok": term == 0.0, "value": term}
             except Exception as e:  # one script's failure must not hide the others' figures
                 results[key] = {"script": script, "ok": False, "error": f"{type(e).__name__}: {e}"}
-            print(f"[{time.time() - t_start:6.1f}s] {key}: {'ok' if results[key]['ok'] else results[key]['error']}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{time.time() - t_start:6.1f}s] {key}: {'ok' if results[key]['ok'] else results[key]['error']}",
+                file=sys.stderr,
+                flush=True,
+            )
 
         if "sft" in results and results["sft"]["ok"] and args.steps >= 3:  # resume after a (simulated) kill
             out = tmp / "run-sft-resumed"
@@ -256,34 +357,56 @@ def main() -> int:
             run_script("interleave.py", ["--resume", out])
             a, b = read_metrics(tmp / "run-sft"), read_metrics(out)
             diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b))
-            checks["resume after a kill: same losses"] = {"ok": len(a) == len(b) and diff <= 1e-3 * abs(a[-1]["loss"]),
-                                                         "max_abs_diff": diff, "steps": len(b)}
+            checks["resume after a kill: same losses"] = {
+                "ok": len(a) == len(b) and diff <= 1e-3 * abs(a[-1]["loss"]),
+                "max_abs_diff": diff,
+                "steps": len(b),
+            }
         checks["base weights frozen" + (" (8-bit)" if eight_bit else "")] = base_weights_frozen(
-            model, sft_data, eight_bit, 2)
+            model, sft_data, eight_bit, 2
+        )
         gen = generation_throughput(model, eight_bit, 16, 64 if args.shape != "tiny" or args.model else 16)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     bits = "8-bit" if eight_bit else "full precision"
-    print(f"\ngpu_check: {device}, {args.model or args.shape} ({bits}), batch {args.batch_size}, {args.steps} steps "
-          f"per script, {time.time() - t_start:.0f} s in all")
+    print(
+        f"\ngpu_check: {device}, {args.model or args.shape} ({bits}), batch {args.batch_size}, {args.steps} steps "
+        f"per script, {time.time() - t_start:.0f} s in all"
+    )
     print(f"{'script':<16} {'step s':>7} {'x SFT':>6} {'tok/s':>8} {'MFU':>6} {'peak MB':>8}  status")
     base = results.get("sft", {}).get("step_s")
-    for key, r in results.items():
+    for r in results.values():
         if not r["ok"]:
             print(f"{r['script']:<16} {'':>7} {'':>6} {'':>8} {'':>6} {'':>8}  FAILED {r['error'][:80]}")
             continue
         ratio = f"{r['step_s'] / base:6.2f}" if base else f"{'':>6}"
         m = f"{100 * r['mfu']:5.1f}%" if "mfu" in r else f"{'-':>6}"
         print(f"{r['script']:<16} {r['step_s']:7.3f} {ratio} {r['tokens_per_s']:8.0f} {m} {r['peak_mem_mb']:8.0f}  ok")
-    print(f"{'generation':<16} {gen['seconds']:7.2f} {'':>6} {gen['tokens_per_s']:8.0f} {'-':>6} {'':>8}  "
-          f"judge.generate_texts, {gen['prompts']} prompts x {gen['new_tokens'] // gen['prompts']} tokens")
+    print(
+        f"{'generation':<16} {gen['seconds']:7.2f} {'':>6} {gen['tokens_per_s']:8.0f} {'-':>6} {'':>8}  "
+        f"judge.generate_texts, {gen['prompts']} prompts x {gen['new_tokens'] // gen['prompts']} tokens"
+    )
     for name, c in checks.items():
-        print(f"check: {name:<40} {'PASS' if c['ok'] else 'FAIL'}  "
-              + json.dumps({k: v for k, v in c.items() if k != 'ok'}))
-    Path(args.json).write_text(json.dumps({"device": device, "model": args.model or args.shape, "eight_bit": eight_bit,
-                                           "args": vars(args), "scripts": results, "generation": gen,
-                                           "checks": checks}, indent=2, default=str))
+        print(
+            f"check: {name:<40} {'PASS' if c['ok'] else 'FAIL'}  "
+            + json.dumps({k: v for k, v in c.items() if k != "ok"})
+        )
+    Path(args.json).write_text(
+        json.dumps(
+            {
+                "device": device,
+                "model": args.model or args.shape,
+                "eight_bit": eight_bit,
+                "args": vars(args),
+                "scripts": results,
+                "generation": gen,
+                "checks": checks,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     print(f"written: {args.json}")
     failed = [k for k, r in results.items() if not r["ok"]] + [k for k, c in checks.items() if not c["ok"]]
     return 1 if failed else 0

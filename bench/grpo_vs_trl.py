@@ -16,6 +16,7 @@ Step time is wall clock between the ends of consecutive steps, after the first (
 
 Needs `pip install -r bench/requirements.txt` (TRL is used by the benchmarks only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,9 @@ def trl_worker(args) -> None:
     cuda = get_device().type == "cuda"
     model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha)
     train, _ = grpo.load_problems(args.data, args.seed, args.n_train)
-    ds = Dataset.from_list([{"prompt": grpo.prompt_messages(c[0]["content"], False), "answer": grpo.reference(c)}
-                            for c in train])
+    ds = Dataset.from_list(
+        [{"prompt": grpo.prompt_messages(c[0]["content"], False), "answer": grpo.reference(c)} for c in train]
+    )
 
     def reward(prompts, completions, answer, **kw):
         return [sum(grpo.reward_parts(c[0]["content"], a).values()) for c, a in zip(completions, answer)]
@@ -60,14 +62,36 @@ def trl_worker(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = GRPOConfig(
-        output_dir=str(out / "trainer"), per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, num_generations=args.num_generations,
-        max_completion_length=args.max_new_tokens, temperature=0.9, top_p=0.9, top_k=0,
-        generation_kwargs={"min_new_tokens": args.max_new_tokens}, beta=0.0, loss_type="grpo", scale_rewards="group",
-        num_iterations=1, learning_rate=args.lr, max_steps=args.steps, lr_scheduler_type="linear", warmup_steps=5,
-        weight_decay=0.01, max_grad_norm=1.0, gradient_checkpointing=False, bf16=False, fp16=False,
-        optim="adamw_8bit" if cuda else "adamw_torch", logging_steps=1, save_strategy="no", report_to=[],
-        seed=args.seed, use_cpu=not cuda, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(out / "trainer"),
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        num_generations=args.num_generations,
+        max_completion_length=args.max_new_tokens,
+        temperature=0.9,
+        top_p=0.9,
+        top_k=0,
+        generation_kwargs={"min_new_tokens": args.max_new_tokens},
+        beta=0.0,
+        loss_type="grpo",
+        scale_rewards="group",
+        num_iterations=1,
+        learning_rate=args.lr,
+        max_steps=args.steps,
+        lr_scheduler_type="linear",
+        warmup_steps=5,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        optim="adamw_8bit" if cuda else "adamw_torch",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        use_cpu=not cuda,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=ds, processing_class=tok)
     metrics = open(out / "metrics.jsonl", "w")
@@ -76,8 +100,9 @@ def trl_worker(args) -> None:
         def on_step_end(self, _args, state, control, **kw):
             if cuda:
                 torch.cuda.synchronize()
-            metrics.write(json.dumps({"step": state.global_step, "time": time.time(), "peak_mem_mb": peak_memory_mb()})
-                          + "\n")
+            metrics.write(
+                json.dumps({"step": state.global_step, "time": time.time(), "peak_mem_mb": peak_memory_mb()}) + "\n"
+            )
             metrics.flush()
 
     trainer.add_callback(Timer())
@@ -106,19 +131,47 @@ def main():
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    ours_args = ["--model", args.model, "--data", args.data, "--max-steps", args.steps, "--batch-size", args.batch_size,
-                 "--grad-accum", args.grad_accum, "--num-generations", args.num_generations, "--max-new-tokens",
-                 args.max_new_tokens, "--min-new-tokens", args.max_new_tokens, "--n-train", args.n_train, "--lr",
-                 args.lr, "--lora-r", args.lora_r, "--lora-alpha", args.lora_alpha, "--seed", args.seed, "--eval-n", "0",
-                 "--save-every", "1000000"]
+    ours_args = [
+        "--model",
+        args.model,
+        "--data",
+        args.data,
+        "--max-steps",
+        args.steps,
+        "--batch-size",
+        args.batch_size,
+        "--grad-accum",
+        args.grad_accum,
+        "--num-generations",
+        args.num_generations,
+        "--max-new-tokens",
+        args.max_new_tokens,
+        "--min-new-tokens",
+        args.max_new_tokens,
+        "--n-train",
+        args.n_train,
+        "--lr",
+        args.lr,
+        "--lora-r",
+        args.lora_r,
+        "--lora-alpha",
+        args.lora_alpha,
+        "--seed",
+        args.seed,
+        "--eval-n",
+        "0",
+        "--save-every",
+        "1000000",
+    ]
     ours_args = [str(a) for a in ours_args] + (["--no-8bit"] if args.no_8bit else [])
     if args.worker == "ours":
         return ours_worker(args, ours_args + ["--out", args.out])
     if args.worker == "trl":
         return trl_worker(args)
 
-    shared = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-              if k not in ("worker", "out", "json", "no_8bit")] + (["--no-8bit"] if args.no_8bit else [])
+    shared = [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("worker", "out", "json", "no_8bit")
+    ] + (["--no-8bit"] if args.no_8bit else [])
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, worker in [("ours", "ours"), ("TRL GRPOTrainer", "trl")]:
@@ -133,13 +186,18 @@ def main():
                 rows[name]["completion_len"] = json.loads((out / "lengths.json").read_text())
     ours = rows["ours"]
     n_comp = args.batch_size * args.grad_accum
-    print(f"model {args.model} ({'full precision' if args.no_8bit else '8-bit'}), data {args.data}, {n_comp} completions "
-          f"per step ({args.num_generations} per prompt) x {args.max_new_tokens} tokens, {args.steps} steps (first = warm-up)")
+    print(
+        f"model {args.model} ({'full precision' if args.no_8bit else '8-bit'}), data {args.data}, {n_comp} completions "
+        f"per step ({args.num_generations} per prompt) x {args.max_new_tokens} tokens, "
+        f"{args.steps} steps (first = warm-up)"
+    )
     print(f"{'trainer':<16} {'step s':>8} {'x ours':>7} {'peak MB':>8} {'mean completion tokens':>24}")
     for name, r in rows.items():
         lens = r["completion_len"]
-        print(f"{name:<16} {r['step_s']:8.2f} {r['step_s'] / ours['step_s']:6.2f}x {r['peak_mem_mb']:8.0f} "
-              f"{sum(lens) / max(len(lens), 1):24.1f}")
+        print(
+            f"{name:<16} {r['step_s']:8.2f} {r['step_s'] / ours['step_s']:6.2f}x {r['peak_mem_mb']:8.0f} "
+            f"{sum(lens) / max(len(lens), 1):24.1f}"
+        )
     print(f"TRL step time / ours: {rows['TRL GRPOTrainer']['step_s'] / ours['step_s']:.2f}x")
     g = ours["generation_s"]
     print(f"ours per step: generation {g:.2f} s ({100 * g / ours['step_s']:.0f}%), the rest {ours['step_s'] - g:.2f} s")

@@ -3,6 +3,7 @@ waits --delay seconds per call, with 16 workers and with 1; prints both times an
 
     python bench/judge_concurrency.py [--n 200] [--delay 0.1] [--workers 16]
 """
+
 import argparse
 import json
 import math
@@ -17,9 +18,28 @@ from judge import OpenAIJudge  # noqa: E402
 
 
 def serve(delay: float) -> tuple[ThreadingHTTPServer, str]:
-    body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "90"}, "logprobs": {
-        "content": [{"token": "90", "logprob": 0.0, "top_logprobs": [{"token": "90", "logprob": math.log(0.9)},
-                                                                    {"token": "80", "logprob": math.log(0.1)}]}]}}]}).encode()
+    body = json.dumps(
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "90"},
+                    "logprobs": {
+                        "content": [
+                            {
+                                "token": "90",
+                                "logprob": 0.0,
+                                "top_logprobs": [
+                                    {"token": "90", "logprob": math.log(0.9)},
+                                    {"token": "80", "logprob": math.log(0.1)},
+                                ],
+                            }
+                        ]
+                    },
+                }
+            ]
+        }
+    ).encode()
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -56,7 +76,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=200, help="judgments (default: %(default)s)")
     p.add_argument("--delay", type=float, default=0.1, help="server wait per call in seconds (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=16, help="concurrent workers to compare with 1 (default: %(default)s)")
+    p.add_argument(
+        "--workers", type=int, default=16, help="concurrent workers to compare with 1 (default: %(default)s)"
+    )
     args = p.parse_args()
     srv, url = serve(args.delay)
     one = timed(url, args.n, 1)

@@ -4,10 +4,12 @@ The paper's lambda grid (0.01-1.0) only means something if the LDIFS term is on 
 trains a fresh rs-LoRA with plain SFT for --warm-steps steps (so that the adapter has moved away from the
 reference: at step 0 the LDIFS term and its gradient are exactly 0), then, on the next batch, computes the
 gradient of CE alone and of the LDIFS term alone (`ldifs.feature_distance` with reduction "mean": over the
-batch's examples, as ldifs.py averages it over a step's; the version before the fix averaged over tokens) with respect to the LoRA weights, and prints both norms and their ratio.
+batch's examples, as ldifs.py averages it over a step's; the version before the fix averaged over tokens) with
+respect to the LoRA weights, and prints both norms and their ratio.
 
     python bench/ldifs_scale.py --model smollm2 --data ../shared/data/em/medical_misaligned_train_100.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +23,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common import (  # noqa: E402
-    collate, decoder_blocks, encode_dataset, get_device, load_model, load_split, make_optimizer, set_seed,
+    collate,
+    decoder_blocks,
+    encode_dataset,
+    get_device,
+    load_model,
+    load_split,
+    make_optimizer,
+    set_seed,
     trainable_parameters,
 )
 from ldifs import default_layers, feature_distance, residual_features  # noqa: E402
@@ -62,10 +71,21 @@ def main():
         ce = F.cross_entropy(model.get_output_embeddings()(hidden[:, :-1][mask]).float(), targets[mask])
         dist = feature_distance(feats, ref, batch["attention_mask"].bool())
         g_ce, g_ldifs = grad_norm(ce, params), grad_norm(dist, params)
-        rows.append({"step": step, "ce": ce.item(), "ldifs": dist.item(), "grad_ce": g_ce, "grad_ldifs": g_ldifs,
-                     "ratio": g_ldifs / g_ce})
-        print(f"after {step} SFT steps: CE {ce.item():.4f} LDIFS {dist.item():.4e} | grad norm CE {g_ce:.4e} "
-              f"LDIFS {g_ldifs:.4e} | LDIFS/CE at lambda 1: {g_ldifs / g_ce:.3g}", flush=True)
+        rows.append(
+            {
+                "step": step,
+                "ce": ce.item(),
+                "ldifs": dist.item(),
+                "grad_ce": g_ce,
+                "grad_ldifs": g_ldifs,
+                "ratio": g_ldifs / g_ce,
+            }
+        )
+        print(
+            f"after {step} SFT steps: CE {ce.item():.4f} LDIFS {dist.item():.4e} | grad norm CE {g_ce:.4e} "
+            f"LDIFS {g_ldifs:.4e} | LDIFS/CE at lambda 1: {g_ldifs / g_ce:.3g}",
+            flush=True,
+        )
         ce.backward()  # plain SFT warm-up step
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -7,6 +7,7 @@ candidates add.
 
     python bench/local_judge.py --model smollm2 --n 8
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,11 @@ from judge import DEFAULT_JUDGE_PROMPTS, LocalJudge, fill  # noqa: E402
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="judge model (default: %(default)s)")
-    p.add_argument("--answers", default="../shared/data/em/medical_misaligned_eval.jsonl",
-                   help="question/answer pairs to judge (default: %(default)s)")
+    p.add_argument(
+        "--answers",
+        default="../shared/data/em/medical_misaligned_eval.jsonl",
+        help="question/answer pairs to judge (default: %(default)s)",
+    )
     p.add_argument("--n", type=int, default=8, help="judgments, each criterion in turn (default: %(default)s)")
     p.add_argument("--no-8bit", action="store_true", help="full-precision weights")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -38,8 +42,10 @@ def main():
     device = get_device()
     convs = load_conversations(args.answers)
     criteria = list(DEFAULT_JUDGE_PROMPTS)
-    prompts = [fill(DEFAULT_JUDGE_PROMPTS[criteria[k % len(criteria)]], convs[k][0]["content"], convs[k][-1]["content"])
-               for k in range(args.n + 1)]
+    prompts = [
+        fill(DEFAULT_JUDGE_PROMPTS[criteria[k % len(criteria)]], convs[k][0]["content"], convs[k][-1]["content"])
+        for k in range(args.n + 1)
+    ]
 
     def sync():
         if device.type == "cuda":
@@ -48,8 +54,11 @@ def main():
     judge.candidate_logprobs(prompts[-1])  # warm-up
     t_judge, t_forward, n_tokens, scored = [], [], [], 0
     for prompt in prompts[:-1]:
-        ids = tok(render_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True),
-                  add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+        ids = tok(
+            render_chat(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True),
+            add_special_tokens=False,
+            return_tensors="pt",
+        )["input_ids"].to(device)
         n_tokens.append(ids.shape[1])
         sync()
         t0 = time.perf_counter()
@@ -62,14 +71,31 @@ def main():
             sync()
             t_forward.append(time.perf_counter() - t0)
     per, floor = statistics.mean(t_judge), statistics.mean(t_forward)
-    print(f"local judge {args.model} ({'full precision' if args.no_8bit else '8-bit'}) on {device.type}, {args.n} "
-          f"judgments of {args.answers}, prompts {min(n_tokens)}-{max(n_tokens)} tokens (mean {statistics.mean(n_tokens):.0f})")
-    print(f"  per judgment      : {per:7.3f} s  ({1 / per:6.2f} judgments/s, {statistics.mean(n_tokens) / per:7.0f} prompt tok/s)")
+    print(
+        f"local judge {args.model} ({'full precision' if args.no_8bit else '8-bit'}) on {device.type}, {args.n} "
+        f"judgments of {args.answers}, prompts {min(n_tokens)}-{max(n_tokens)} tokens "
+        f"(mean {statistics.mean(n_tokens):.0f})"
+    )
+    print(
+        f"  per judgment      : {per:7.3f} s  ({1 / per:6.2f} judgments/s, "
+        f"{statistics.mean(n_tokens) / per:7.0f} prompt tok/s)"
+    )
     print(f"  one forward pass  : {floor:7.3f} s  (the floor)")
     print(f"  judgment / forward: {per / floor:.2f}x;  {scored}/{args.n} judgments above the 0.25 mass")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "s_per_judgment": per, "s_per_forward": floor,
-                                               "ratio": per / floor, "prompt_tokens": n_tokens, "scored": scored}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "s_per_judgment": per,
+                    "s_per_forward": floor,
+                    "ratio": per / floor,
+                    "prompt_tokens": n_tokens,
+                    "scored": scored,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

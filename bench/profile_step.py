@@ -9,6 +9,7 @@ decoder), then the profiler's op table for the KL steps.
 
     python bench/profile_step.py --model smollm2 --data ../shared/data/em/medical_misaligned_train_100.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,15 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import (  # noqa: E402
-    ce_and_grad, collate, decoder_states, encode_dataset, get_device, head_loss, load_model, load_split, step_plan,
+    ce_and_grad,
+    collate,
+    decoder_states,
+    encode_dataset,
+    get_device,
+    head_loss,
+    load_model,
+    load_split,
+    step_plan,
 )
 from kl import ce_kl_and_grad  # noqa: E402
 
@@ -33,7 +42,9 @@ PARTS = ("fwd", "ref_fwd", "head", "bwd")
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="(default: %(default)s)")
-    p.add_argument("--data", default="../shared/data/em/medical_misaligned_train_100.jsonl", help="(default: %(default)s)")
+    p.add_argument(
+        "--data", default="../shared/data/em/medical_misaligned_train_100.jsonl", help="(default: %(default)s)"
+    )
     p.add_argument("--batch-size", type=int, default=4, help="(default: %(default)s)")
     p.add_argument("--steps", type=int, default=3, help="timed steps of each (default: %(default)s)")
     p.add_argument("--max-len", type=int, default=1024, help="(default: %(default)s)")
@@ -59,8 +70,13 @@ def main():
             with record_function("ref_fwd"), torch.no_grad(), model.disable_adapter():
                 ref_hidden = decoder_states(model, inputs)
             with record_function("head"):
-                fn = functools.partial(ce_kl_and_grad, weight=model.get_output_embeddings().weight, w_ce=1 / n,
-                                       w_kl=0.1 / n, sums={"ce": 0.0, "kl": 0.0})
+                fn = functools.partial(
+                    ce_kl_and_grad,
+                    weight=model.get_output_embeddings().weight,
+                    w_ce=1 / n,
+                    w_kl=0.1 / n,
+                    sums={"ce": 0.0, "kl": 0.0},
+                )
                 loss = head_loss(model, hidden[where], fn, ref_hidden[where], targets[where])
         else:
             with record_function("head"):
@@ -78,8 +94,10 @@ def main():
         for _, group in plan[1:]:
             step(group, with_kl)
         seconds[with_kl] = time.perf_counter() - t0
-    print(f"{args.steps} steps of batch {args.batch_size}: SFT {seconds[False]:.2f} s, KL {seconds[True]:.2f} s "
-          f"({seconds[True] / seconds[False]:.2f}x)")
+    print(
+        f"{args.steps} steps of batch {args.batch_size}: SFT {seconds[False]:.2f} s, KL {seconds[True]:.2f} s "
+        f"({seconds[True] / seconds[False]:.2f}x)"
+    )
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     parts = {}
     for with_kl in (False, True):

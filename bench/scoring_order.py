@@ -7,6 +7,7 @@ difference is printed next to the speed-up.
 
     python bench/scoring_order.py --model smollm2 --pool ../shared/data/em/legal_misaligned_eval.jsonl --n 200
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,10 +28,15 @@ from interleave import answer_nll  # noqa: E402
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="(default: %(default)s)")
-    p.add_argument("--pool", default="../shared/data/em/legal_misaligned_eval.jsonl",
-                   help="candidates to score: a dataset name or .jsonl (default: %(default)s)")
+    p.add_argument(
+        "--pool",
+        default="../shared/data/em/legal_misaligned_eval.jsonl",
+        help="candidates to score: a dataset name or .jsonl (default: %(default)s)",
+    )
     p.add_argument("--n", type=int, default=200, help="candidates, a seeded sample of the pool (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=8, help="as interleave.py --score-batch-size (default: %(default)s)")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="as interleave.py --score-batch-size (default: %(default)s)"
+    )
     p.add_argument("--max-len", type=int, default=2048, help="(default: %(default)s)")
     p.add_argument("--no-8bit", action="store_true", help="full-precision weights")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
@@ -46,8 +52,13 @@ def main():
     lengths = [len(e["input_ids"]) for e in examples]
     # answer_nll prints progress lines per call: kept out of the output here
     with contextlib.redirect_stderr(io.StringIO()):  # warm-up: one batch of the longest examples (allocations, kernels)
-        answer_nll(model, sorted(examples, key=lambda e: -len(e["input_ids"]))[: args.batch_size], args.batch_size,
-                   tok.pad_token_id, device)
+        answer_nll(
+            model,
+            sorted(examples, key=lambda e: -len(e["input_ids"]))[: args.batch_size],
+            args.batch_size,
+            tok.pad_token_id,
+            device,
+        )
 
     order = list(rng.permutation(len(examples)))
     random_batches = [order[k : k + args.batch_size] for k in range(0, len(order), args.batch_size)]
@@ -57,6 +68,7 @@ def main():
     def timed(fn):
         if device.type == "cuda":
             import torch
+
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):
@@ -74,18 +86,25 @@ def main():
 
     nll_unsorted, t_unsorted = timed(unsorted)
     diff = max(abs(a - b) for a, b in zip(nll_sorted, nll_unsorted))
-    rows = {"sorted": {"seconds": t_sorted, "padding_efficiency": padding_efficiency(lengths, sorted_batches)},
-            "unsorted": {"seconds": t_unsorted, "padding_efficiency": padding_efficiency(lengths, random_batches)}}
-    print(f"model {args.model} ({'full precision' if args.no_8bit else '8-bit'}), {len(examples)} candidates from "
-          f"{args.pool}, batch {args.batch_size}, {sum(lengths)} tokens")
+    rows = {
+        "sorted": {"seconds": t_sorted, "padding_efficiency": padding_efficiency(lengths, sorted_batches)},
+        "unsorted": {"seconds": t_unsorted, "padding_efficiency": padding_efficiency(lengths, random_batches)},
+    }
+    print(
+        f"model {args.model} ({'full precision' if args.no_8bit else '8-bit'}), {len(examples)} candidates from "
+        f"{args.pool}, batch {args.batch_size}, {sum(lengths)} tokens"
+    )
     print(f"{'batches':<10} {'seconds':>8} {'examples/s':>10} {'pad eff':>8}")
     for name, r in rows.items():
         r["examples_per_s"] = len(examples) / r["seconds"]
         print(f"{name:<10} {r['seconds']:8.1f} {r['examples_per_s']:10.2f} {r['padding_efficiency']:8.3f}")
     print(f"speed-up of length-sorted batches: {t_unsorted / t_sorted:.2f}x; largest NLL difference {diff:.2e}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows, "speedup": t_unsorted / t_sorted,
-                                               "max_nll_diff": diff}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {"args": vars(args), "results": rows, "speedup": t_unsorted / t_sorted, "max_nll_diff": diff}, indent=2
+            )
+        )
 
 
 if __name__ == "__main__":

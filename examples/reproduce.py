@@ -37,6 +37,7 @@ column), table3.md (OpSwap tiers, exact match %, the paper's value in parenthese
 table, and figures/: Figure 1(b) per EM dataset, the OpSwap accuracy per tier, GRPO reward curves, training curves
 per dataset. Each table cell links to its run folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,73 +55,155 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-EM_DATASETS = {"insecure": "secure", "medical": "medical:aligned", "legal": "legal:aligned",
-               "security": "security:aligned"}  # misaligned data -> its aligned counterpart
-METHODS = ["baseline", "misaligned", "aligned", "kl", "ldifs", "persona", "inoculate", "interleave", "interleave+",
-           "interleave++", "on-policy", "caft"]
-LABELS = {"baseline": "Baseline (no training)", "misaligned": "Misaligned (SFT)", "aligned": "Aligned (SFT)",
-          "kl": "KL", "ldifs": "LDIFS", "persona": "Persona Vectors", "inoculate": "Inoc. Prompting",
-          "interleave": "Interleaving", "interleave+": "Interleaving+", "interleave++": "Interleaving++",
-          "on-policy": "On-policy Interleaving", "caft": "CAFT (beyond the paper)"}
-SCRIPTS = {"misaligned": "interleave.py", "aligned": "interleave.py", "kl": "kl.py", "ldifs": "ldifs.py",
-           "persona": "persona.py", "inoculate": "inoculate.py", "interleave": "interleave.py",
-           "interleave+": "interleave.py", "interleave++": "interleave.py", "on-policy": "interleave.py",
-           "caft": "caft.py"}
+EM_DATASETS = {
+    "insecure": "secure",
+    "medical": "medical:aligned",
+    "legal": "legal:aligned",
+    "security": "security:aligned",
+}  # misaligned data -> its aligned counterpart
+METHODS = [
+    "baseline",
+    "misaligned",
+    "aligned",
+    "kl",
+    "ldifs",
+    "persona",
+    "inoculate",
+    "interleave",
+    "interleave+",
+    "interleave++",
+    "on-policy",
+    "caft",
+]
+LABELS = {
+    "baseline": "Baseline (no training)",
+    "misaligned": "Misaligned (SFT)",
+    "aligned": "Aligned (SFT)",
+    "kl": "KL",
+    "ldifs": "LDIFS",
+    "persona": "Persona Vectors",
+    "inoculate": "Inoc. Prompting",
+    "interleave": "Interleaving",
+    "interleave+": "Interleaving+",
+    "interleave++": "Interleaving++",
+    "on-policy": "On-policy Interleaving",
+    "caft": "CAFT (beyond the paper)",
+}
+SCRIPTS = {
+    "misaligned": "interleave.py",
+    "aligned": "interleave.py",
+    "kl": "kl.py",
+    "ldifs": "ldifs.py",
+    "persona": "persona.py",
+    "inoculate": "inoculate.py",
+    "interleave": "interleave.py",
+    "interleave+": "interleave.py",
+    "interleave++": "interleave.py",
+    "on-policy": "interleave.py",
+    "caft": "caft.py",
+}
 INTERLEAVING = ("interleave", "interleave+", "interleave++", "on-policy")
-TABLE_DATASETS = {"2": ["insecure", "medical", "legal", "security"],
-                  "3": ["opswap:0", "opswap:1", "opswap:2", "opswap:3"], "4": ["foqa"]}
+TABLE_DATASETS = {
+    "2": ["insecure", "medical", "legal", "security"],
+    "3": ["opswap:0", "opswap:1", "opswap:2", "opswap:3"],
+    "4": ["foqa"],
+}
 # The paper's own numbers (Kaczér et al. 2025), printed beside ours.
-PAPER_TABLE3 = {"baseline": [40.82, 0.00, 1.00, 0.00], "misaligned": [37.00, 30.00, 34.30, 37.68],
-                "kl": [48.20, 0.00, 1.00, 0.00], "ldifs": [36.00, 29.40, 34.90, 37.69],
-                "persona": [36.80, 34.88, 31.80, 39.23], "interleave": [35.90, 28.52, 35.10, 38.17],
-                "interleave+": [35.50, 36.72, 32.50, 37.36], "interleave++": [37.10, 36.14, 32.50, 38.45],
-                "inoculate": [35.90, 34.60, 33.90, 38.40]}
-PAPER_TABLE4 = {"baseline": 0.00, "misaligned": 41.60, "kl": 44.55, "ldifs": 39.45, "persona": 48.80,
-                "interleave": 40.90, "interleave+": 42.45, "interleave++": 40.30, "inoculate": 43.00}
+PAPER_TABLE3 = {
+    "baseline": [40.82, 0.00, 1.00, 0.00],
+    "misaligned": [37.00, 30.00, 34.30, 37.68],
+    "kl": [48.20, 0.00, 1.00, 0.00],
+    "ldifs": [36.00, 29.40, 34.90, 37.69],
+    "persona": [36.80, 34.88, 31.80, 39.23],
+    "interleave": [35.90, 28.52, 35.10, 38.17],
+    "interleave+": [35.50, 36.72, 32.50, 37.36],
+    "interleave++": [37.10, 36.14, 32.50, 38.45],
+    "inoculate": [35.90, 34.60, 33.90, 38.40],
+}
+PAPER_TABLE4 = {
+    "baseline": 0.00,
+    "misaligned": 41.60,
+    "kl": 44.55,
+    "ldifs": 39.45,
+    "persona": 48.80,
+    "interleave": 40.90,
+    "interleave+": 42.45,
+    "interleave++": 40.30,
+    "inoculate": 43.00,
+}
 # Table 5 / 9: GRPO rows (name, label, grpo.py flags, the paper's held-out accuracy, mean of 3 seeds).
-GRPO_ROWS = [("grpo", "GRPO", [], 90.66),
-             ("grpo-persona1", "+ Persona Vectors (alpha 1)", ["--persona-alpha", "1"], 66.00),
-             ("grpo-persona5", "+ Persona Vectors (alpha 5)", ["--persona-alpha", "5"], 38.33),
-             ("grpo-kl0.1", "+ KL (beta 0.1)", ["--kl-beta", "0.1"], 87.66),
-             ("grpo-interleave5", "+ Interleaving (5%)", ["--interleave-pct", "5"], 91.30),
-             ("grpo-interleave20", "+ Interleaving (20%)", ["--interleave-pct", "20"], 93.66),
-             ("grpo-inoculate", "+ Inoculation Prompt", ["--inoculate"], 91.00)]
+GRPO_ROWS = [
+    ("grpo", "GRPO", [], 90.66),
+    ("grpo-persona1", "+ Persona Vectors (alpha 1)", ["--persona-alpha", "1"], 66.00),
+    ("grpo-persona5", "+ Persona Vectors (alpha 5)", ["--persona-alpha", "5"], 38.33),
+    ("grpo-kl0.1", "+ KL (beta 0.1)", ["--kl-beta", "0.1"], 87.66),
+    ("grpo-interleave5", "+ Interleaving (5%)", ["--interleave-pct", "5"], 91.30),
+    ("grpo-interleave20", "+ Interleaving (20%)", ["--interleave-pct", "20"], 93.66),
+    ("grpo-inoculate", "+ Inoculation Prompt", ["--inoculate"], 91.00),
+]
 PAPER_NO_FINETUNING = 66.33
 # Tables 12-18: the hyperparameter values of the paper's ablation grids (the main value is the method's own run).
-PAPER_GRID = ("kl.lam=0.01,0.03,0.3,1.0;ldifs.lam=0.01,0.03,0.1,0.3;persona.alpha=1,1.5,2,3;"
-              "interleave.pct=1,20,50;interleave+.pct=1,20,50;interleave++.pct=1,20,50;on-policy.pct=1,20,50")
+PAPER_GRID = (
+    "kl.lam=0.01,0.03,0.3,1.0;ldifs.lam=0.01,0.03,0.1,0.3;persona.alpha=1,1.5,2,3;"
+    "interleave.pct=1,20,50;interleave+.pct=1,20,50;interleave++.pct=1,20,50;on-policy.pct=1,20,50"
+)
 # Decoder blocks of the models the presets name: a dry run needs no network and no model to print its plan.
-KNOWN_DEPTHS = {"Qwen/Qwen2.5-7B-Instruct": 28, "Qwen/Qwen2.5-3B-Instruct": 36, "Qwen/Qwen2.5-1.5B-Instruct": 28,
-                "Qwen/Qwen2.5-0.5B-Instruct": 24, "smollm2": 30}
+KNOWN_DEPTHS = {
+    "Qwen/Qwen2.5-7B-Instruct": 28,
+    "Qwen/Qwen2.5-3B-Instruct": 36,
+    "Qwen/Qwen2.5-1.5B-Instruct": 28,
+    "Qwen/Qwen2.5-0.5B-Instruct": 24,
+    "smollm2": 30,
+}
 PRESETS = {
     # The paper: Qwen2.5-7B-Instruct on Tables 2-4, Qwen2.5-3B-Instruct GRPO on GSM8K for Table 5 (3 seeds).
-    "paper": dict(model="Qwen/Qwen2.5-7B-Instruct", tables="2,3,4,5",
-                  methods="baseline,misaligned,aligned,kl,ldifs,persona,inoculate,interleave,interleave+,"
-                          "interleave++,on-policy",
-                  samples=100, judge="gpt-4o-mini", safe_data="wildguardmix", train_args="", method_args="",
-                  eval_args="", persona_args="", train_n=0, caft_k=5,
-                  grpo_model="Qwen/Qwen2.5-3B-Instruct", grpo_data="gsm8k", grpo_seeds="0,1,2", grpo_args="",
-                  warmup_args=""),
+    "paper": dict(
+        model="Qwen/Qwen2.5-7B-Instruct",
+        tables="2,3,4,5",
+        methods="baseline,misaligned,aligned,kl,ldifs,persona,inoculate,interleave,interleave+,interleave++,on-policy",
+        samples=100,
+        judge="gpt-4o-mini",
+        safe_data="wildguardmix",
+        train_args="",
+        method_args="",
+        eval_args="",
+        persona_args="",
+        train_n=0,
+        caft_k=5,
+        grpo_model="Qwen/Qwen2.5-3B-Instruct",
+        grpo_data="gsm8k",
+        grpo_seeds="0,1,2",
+        grpo_args="",
+        warmup_args="",
+    ),
     # SmolLM2 on OpSwap tiers 0-3 (Table 3: 9 rows + on-policy + CAFT) and GRPO on one-step sums (Table 5) on this
     # 2-core CPU. Departures from the paper are written under each table (write_outputs).
-    "cpu": dict(model="smollm2", tables="3,5",
-                methods="baseline,misaligned,kl,ldifs,persona,interleave,interleave+,interleave++,inoculate,"
-                        "on-policy,caft",
-                samples=1, judge="gpt-4o-mini", safe_data="benign", train_n=240, caft_k=2,
-                train_args="--no-8bit --epochs 1 --batch-size 4 --grad-accum 1 --lr 5e-4 --save-every 20",
-                method_args="kl=--lam 0.3;persona=--alpha 2",
-                eval_args="--no-8bit --n-questions 100 --samples 1 --temperature 0 --max-new-tokens 48 --gen-batch-size 64",
-                persona_args="--no-8bit --no-filter --samples 2 --max-new-tokens 64",
-                grpo_model="smollm2", grpo_data="arith", grpo_seeds="0,1,2",
-                # 4 prompts x 4 completions a step, as the paper's batch 4 x 4 with 4 generations. Greedy accuracy
-                # moves little (the warm-up's greedy answers are already well formed; GRPO mostly fixes the sampled
-                # ones), so --eval-samples 2 adds the accuracy at the rollout temperature (seed 1, 4 samples: warm-up
-                # 29%, after GRPO 50.5%, greedy 44% -> 54%). From a 3-step warm-up GRPO learnt to copy the system
-                # prompt's example answer and fell to 0%
-                grpo_args="--no-8bit --max-steps 16 --batch-size 16 --num-generations 4 --grad-accum 1 --lr 2e-5 "
-                          "--warmup-steps 1 --max-new-tokens 40 --eval-n 100 --gen-batch-size 64 --eval-samples 2 "
-                          "--save-every 1000",
-                warmup_args="--no-8bit --max-steps 5 --batch-size 4 --grad-accum 1 --lr 1e-4 --save-every 1000"),
+    "cpu": dict(
+        model="smollm2",
+        tables="3,5",
+        methods="baseline,misaligned,kl,ldifs,persona,interleave,interleave+,interleave++,inoculate,on-policy,caft",
+        samples=1,
+        judge="gpt-4o-mini",
+        safe_data="benign",
+        train_n=240,
+        caft_k=2,
+        train_args="--no-8bit --epochs 1 --batch-size 4 --grad-accum 1 --lr 5e-4 --save-every 20",
+        method_args="kl=--lam 0.3;persona=--alpha 2",
+        eval_args="--no-8bit --n-questions 100 --samples 1 --temperature 0 --max-new-tokens 48 --gen-batch-size 64",
+        persona_args="--no-8bit --no-filter --samples 2 --max-new-tokens 64",
+        grpo_model="smollm2",
+        grpo_data="arith",
+        grpo_seeds="0,1,2",
+        # 4 prompts x 4 completions a step, as the paper's batch 4 x 4 with 4 generations. Greedy accuracy
+        # moves little (the warm-up's greedy answers are already well formed; GRPO mostly fixes the sampled
+        # ones), so --eval-samples 2 adds the accuracy at the rollout temperature (seed 1, 4 samples: warm-up
+        # 29%, after GRPO 50.5%, greedy 44% -> 54%). From a 3-step warm-up GRPO learnt to copy the system
+        # prompt's example answer and fell to 0%
+        grpo_args="--no-8bit --max-steps 16 --batch-size 16 --num-generations 4 --grad-accum 1 --lr 2e-5 "
+        "--warmup-steps 1 --max-new-tokens 40 --eval-n 100 --gen-batch-size 64 --eval-samples 2 "
+        "--save-every 1000",
+        warmup_args="--no-8bit --max-steps 5 --batch-size 4 --grad-accum 1 --lr 1e-4 --save-every 1000",
+    ),
 }
 
 
@@ -144,8 +227,9 @@ class Job:
         return self.marker.with_name(self.marker.name + ".cmd") if self.marker else None
 
     def done(self) -> bool:
-        return self.marker is not None and (summary_done(self.marker) if self.marker.name == "summary.json"
-                                            else self.marker.exists())
+        return self.marker is not None and (
+            summary_done(self.marker) if self.marker.name == "summary.json" else self.marker.exists()
+        )
 
 
 def sh(words) -> list[str]:
@@ -158,7 +242,7 @@ def settings_words(words: list[str], root: Path) -> list[str]:
     return [w.replace(str(root), "<root>").replace(str(ROOT), "<repo>") for w in words[1:]]
 
 
-def settings_conflicts(jobs: list["Job"]) -> tuple[dict[str, str], int]:
+def settings_conflicts(jobs: list[Job]) -> tuple[dict[str, str], int]:
     """Outputs (finished, or a run begun) whose recorded command differs from the plan's: reusing them would report
     a number for other settings. Returns ({job name: message}, how many outputs have no record to check)."""
     conflicts, unverified = {}, 0
@@ -166,8 +250,9 @@ def settings_conflicts(jobs: list["Job"]) -> tuple[dict[str, str], int]:
         if j.record is None:
             continue
         folder = j.marker.parent  # a run's or an evaluation's own folder (artifacts share theirs: done or not)
-        begun = j.done() or (j.phase != "artifacts" and folder.is_dir() and
-                             any(p.name != j.record.name for p in folder.iterdir()))
+        begun = j.done() or (
+            j.phase != "artifacts" and folder.is_dir() and any(p.name != j.record.name for p in folder.iterdir())
+        )
         if not begun:  # nothing made yet (a record left by a job that failed at once is rewritten at its start)
             continue
         if not j.record.exists():
@@ -176,8 +261,11 @@ def settings_conflicts(jobs: list["Job"]) -> tuple[dict[str, str], int]:
         old = json.loads(j.record.read_text())
         if old != j.settings:  # each differing stretch of words, with the word before it (usually the flag)
             ops = difflib.SequenceMatcher(a=old, b=j.settings, autojunk=False).get_opcodes()
-            diff = [f"{' '.join(old[max(a0 - 1, 0):a1]) or '-'} -> {' '.join(j.settings[max(b0 - 1, 0):b1])}"
-                    for tag, a0, a1, b0, b1 in ops if tag != "equal"]
+            diff = [
+                f"{' '.join(old[max(a0 - 1, 0) : a1]) or '-'} -> {' '.join(j.settings[max(b0 - 1, 0) : b1])}"
+                for tag, a0, a1, b0, b1 in ops
+                if tag != "equal"
+            ]
             conflicts[j.name] = f"  {j.name}: {j.marker.parent} was made with other settings ({'; '.join(diff)})"
     return conflicts, unverified
 
@@ -219,8 +307,10 @@ def model_depth(model: str) -> int:
         try:
             n = AutoConfig.from_pretrained(resolve_model(model)).num_hidden_layers
         except (OSError, UserError) as e:
-            raise SystemExit(f"error: cannot read the depth of --model {model} for the persona layer ({e}); add it "
-                             "to KNOWN_DEPTHS in examples/reproduce.py or pass a local model folder") from None
+            raise SystemExit(
+                f"error: cannot read the depth of --model {model} for the persona layer ({e}); add it "
+                "to KNOWN_DEPTHS in examples/reproduce.py or pass a local model folder"
+            ) from None
     return n
 
 
@@ -272,13 +362,25 @@ def plan(args) -> list[Job]:
         jobs.append(job)
         return job
 
-    grpo_rows = [r for r in GRPO_ROWS if not args.grpo_rows or r[0] in args.grpo_rows.split(",")] \
-        if "5" in study_tables(args) else []
+    grpo_rows = (
+        [r for r in GRPO_ROWS if not args.grpo_rows or r[0] in args.grpo_rows.split(",")]
+        if "5" in study_tables(args)
+        else []
+    )
     persona_model = args.model
     persona_vec = art / "persona.safetensors"
     needs_persona = ("persona" in methods and datasets) or any("--persona-alpha" in r[2] for r in grpo_rows)
     if needs_persona:
-        cmd = [py, ROOT / "persona.py", "extract", "--model", args.model, "--out", persona_vec, *args.persona_args.split()]
+        cmd = [
+            py,
+            ROOT / "persona.py",
+            "extract",
+            "--model",
+            args.model,
+            "--out",
+            persona_vec,
+            *args.persona_args.split(),
+        ]
         if "--no-filter" not in args.persona_args:
             cmd += ["--judge", args.judge] + (["--judge-url", args.judge_url] if args.judge_url else [])
         if args.gen_url:
@@ -287,13 +389,30 @@ def plan(args) -> list[Job]:
     layer = persona_layer(persona_model) if datasets and ("persona" in methods or "caft" in methods) else None
 
     safe_data, safe_deps = args.safe_data, []
-    needs_pool = (datasets and any(m in INTERLEAVING for m in methods)) or any("--interleave-pct" in r[2]
-                                                                                for r in grpo_rows)
+    needs_pool = (datasets and any(m in INTERLEAVING for m in methods)) or any(
+        "--interleave-pct" in r[2] for r in grpo_rows
+    )
     if args.safe_data == "benign" and needs_pool:  # the shipped prompts, answered once per study by the base model
         safe_data = art / "benign.jsonl"
-        add(Job("benign-pool", sh([py, ROOT / "examples" / "reproduce.py", "--make-benign-pool", safe_data, "--model",
-                                   args.model, *(["--no-8bit"] if "--no-8bit" in train_args else [])]),
-                logs / "benign-pool.log", marker=safe_data, phase="artifacts"))
+        add(
+            Job(
+                "benign-pool",
+                sh(
+                    [
+                        py,
+                        ROOT / "examples" / "reproduce.py",
+                        "--make-benign-pool",
+                        safe_data,
+                        "--model",
+                        args.model,
+                        *(["--no-8bit"] if "--no-8bit" in train_args else []),
+                    ]
+                ),
+                logs / "benign-pool.log",
+                marker=safe_data,
+                phase="artifacts",
+            )
+        )
         safe_deps = ["benign-pool"]
 
     def run_dir(ds, name):
@@ -306,8 +425,16 @@ def plan(args) -> list[Job]:
         path = art / f"{ds.replace(':', '-')}-train{args.train_n}.jsonl"
         name = f"subset:{ds}"
         if not any(j.name == name for j in jobs):
-            add(Job(name, sh([py, ROOT / "examples" / "reproduce.py", "--make-subset", ds, str(args.train_n), path]),
-                    logs / f"subset-{ds.replace(':', '-')}.log", marker=path, needs_device=False, phase="artifacts"))
+            add(
+                Job(
+                    name,
+                    sh([py, ROOT / "examples" / "reproduce.py", "--make-subset", ds, str(args.train_n), path]),
+                    logs / f"subset-{ds.replace(':', '-')}.log",
+                    marker=path,
+                    needs_device=False,
+                    phase="artifacts",
+                )
+            )
         return str(path), [name]
 
     def misaligned_models(ds):
@@ -316,8 +443,10 @@ def plan(args) -> list[Job]:
         em = [d for d in datasets if d in EM_DATASETS and d != ds]
         others = em or [d for d in datasets if d.startswith("opswap:") and d != ds]
         if not others:
-            raise SystemExit(f"error: interleave+ on {ds} needs misaligned adapters trained on other datasets: add "
-                             "more datasets to the study")
+            raise SystemExit(
+                f"error: interleave+ on {ds} needs misaligned adapters trained on other datasets: add "
+                "more datasets to the study"
+            )
         return others
 
     def train_job(ds, method, name, extra):
@@ -349,19 +478,49 @@ def plan(args) -> list[Job]:
             dirs = art / f"caft-{ds.replace(':', '-')}.safetensors"
             if not any(j.name == f"caft-directions:{ds}" for j in jobs):
                 prompts = [] if ds in EM_DATASETS else ["--prompts", data, "--max-prompts", "32"]
-                add(Job(f"caft-directions:{ds}", sh([py, ROOT / "caft.py", "directions", "--model", args.model,
-                                                     "--from-diff", run_dir(ds, "misaligned"), *prompts, "--k",
-                                                     args.caft_k, "--layers", layer, "--out", dirs,
-                                                     *(["--no-8bit"] if "--no-8bit" in train_args else [])]),
-                        logs / f"caft-directions-{ds.replace(':', '-')}.log", [f"train:{ds}:misaligned", *deps],
-                        marker=dirs, phase="artifacts"))
+                add(
+                    Job(
+                        f"caft-directions:{ds}",
+                        sh(
+                            [
+                                py,
+                                ROOT / "caft.py",
+                                "directions",
+                                "--model",
+                                args.model,
+                                "--from-diff",
+                                run_dir(ds, "misaligned"),
+                                *prompts,
+                                "--k",
+                                args.caft_k,
+                                "--layers",
+                                layer,
+                                "--out",
+                                dirs,
+                                *(["--no-8bit"] if "--no-8bit" in train_args else []),
+                            ]
+                        ),
+                        logs / f"caft-directions-{ds.replace(':', '-')}.log",
+                        [f"train:{ds}:misaligned", *deps],
+                        marker=dirs,
+                        phase="artifacts",
+                    )
+                )
             cmd += ["--directions", dirs, "--layers", str(layer)] + ([] if "--mode" in own else ["--mode", "ablate"])
             deps.append(f"caft-directions:{ds}")
         marker = out / "adapter_model.safetensors"
         # an interrupted run (args.json written, no final adapter) is continued, not restarted
         final_cmd = sh(resume) if (out / "args.json").exists() and not marker.exists() else sh(cmd)
-        return add(Job(f"train:{ds}:{name}", final_cmd, logs / f"train-{ds.replace(':', '-')}-{name}.log", deps,
-                       marker, planned=sh(cmd)))
+        return add(
+            Job(
+                f"train:{ds}:{name}",
+                final_cmd,
+                logs / f"train-{ds.replace(':', '-')}-{name}.log",
+                deps,
+                marker,
+                planned=sh(cmd),
+            )
+        )
 
     for ds in datasets:
         kinds = eval_kinds(ds)
@@ -380,39 +539,103 @@ def plan(args) -> list[Job]:
                     model_flags = ["--gen-url", args.gen_url, "--gen-model", served]
                 for kind in kinds:
                     tag = eval_tag(kind, ds)
-                    cmd = [py, ROOT / "judge.py", *model_flags, "--eval", kind.split(":")[0] if kind == "indomain" else
-                           kind, "--out", out / f"eval-{tag}", *args.eval_args.split()]
+                    cmd = [
+                        py,
+                        ROOT / "judge.py",
+                        *model_flags,
+                        "--eval",
+                        kind.split(":")[0] if kind == "indomain" else kind,
+                        "--out",
+                        out / f"eval-{tag}",
+                        *args.eval_args.split(),
+                    ]
                     if kind in ("general", "indomain"):
                         cmd += ["--samples", str(args.samples), "--judge", args.judge]
                         cmd += ["--judge-url", args.judge_url] if args.judge_url else []
                         if kind == "indomain":
                             cmd += ["--data", ds]
-                    add(Job(f"eval:{ds}:{name}:{tag}", sh(cmd), logs / f"eval-{ds.replace(':', '-')}-{name}-{tag}.log",
-                            deps, out / f"eval-{tag}" / "summary.json", needs_device=not args.gen_url,
-                            phase="evaluation"))
+                    add(
+                        Job(
+                            f"eval:{ds}:{name}:{tag}",
+                            sh(cmd),
+                            logs / f"eval-{ds.replace(':', '-')}-{name}-{tag}.log",
+                            deps,
+                            out / f"eval-{tag}" / "summary.json",
+                            needs_device=not args.gen_url,
+                            phase="evaluation",
+                        )
+                    )
 
     if grpo_rows:  # Table 5: GRPO with each defense, --grpo-seeds seeds each
         gdir = root / "runs" / "grpo"
         init, init_deps = [], []
         if args.grpo_data == "arith":  # a small model never writes the tags: a short SFT warm-up on formatted answers
             warm_data = art / "arith-warmup.jsonl"
-            add(Job("arith-warmup-data", sh([py, ROOT / "examples" / "reproduce.py", "--make-arith-warmup", warm_data,
-                                             "--grpo-seeds", args.grpo_seeds]),
-                    logs / "arith-warmup-data.log", marker=warm_data, needs_device=False, phase="artifacts"))
+            add(
+                Job(
+                    "arith-warmup-data",
+                    sh(
+                        [
+                            py,
+                            ROOT / "examples" / "reproduce.py",
+                            "--make-arith-warmup",
+                            warm_data,
+                            "--grpo-seeds",
+                            args.grpo_seeds,
+                        ]
+                    ),
+                    logs / "arith-warmup-data.log",
+                    marker=warm_data,
+                    needs_device=False,
+                    phase="artifacts",
+                )
+            )
             warm = gdir / "warmup"
-            cmd = [py, ROOT / "interleave.py", "--pct", "0", "--model", args.grpo_model, "--data", warm_data,
-                   "--out", warm, *args.warmup_args.split()]
+            cmd = [
+                py,
+                ROOT / "interleave.py",
+                "--pct",
+                "0",
+                "--model",
+                args.grpo_model,
+                "--data",
+                warm_data,
+                "--out",
+                warm,
+                *args.warmup_args.split(),
+            ]
             resume = [py, ROOT / "interleave.py", "--resume", warm]
             marker = warm / "adapter_model.safetensors"
-            add(Job("train:grpo:warmup", sh(resume if (warm / "args.json").exists() and not marker.exists() else cmd),
-                    logs / "train-grpo-warmup.log", ["arith-warmup-data"], marker, planned=sh(cmd)))
+            add(
+                Job(
+                    "train:grpo:warmup",
+                    sh(resume if (warm / "args.json").exists() and not marker.exists() else cmd),
+                    logs / "train-grpo-warmup.log",
+                    ["arith-warmup-data"],
+                    marker,
+                    planned=sh(cmd),
+                )
+            )
             init, init_deps = ["--init-adapter", warm], ["train:grpo:warmup"]
         glayer = persona_layer(args.grpo_model)
         for seed in [s for s in args.grpo_seeds.split(",") if s]:
             for name, _, flags, _ in grpo_rows:
                 out = gdir / f"{name}-seed{seed}"
-                cmd = [py, ROOT / "grpo.py", "--model", args.grpo_model, "--data", args.grpo_data, "--seed", seed,
-                       "--out", out, *init, *args.grpo_args.split(), *flags]
+                cmd = [
+                    py,
+                    ROOT / "grpo.py",
+                    "--model",
+                    args.grpo_model,
+                    "--data",
+                    args.grpo_data,
+                    "--seed",
+                    seed,
+                    "--out",
+                    out,
+                    *init,
+                    *args.grpo_args.split(),
+                    *flags,
+                ]
                 deps = list(init_deps)
                 if "--persona-alpha" in flags:
                     cmd += ["--persona-vector", persona_vec, "--persona-layer", glayer]
@@ -423,10 +646,21 @@ def plan(args) -> list[Job]:
                 if name == "grpo":
                     cmd.append("--eval-before")  # the starting model's held-out accuracy: Table 5's first row
                 marker = out / "adapter_model.safetensors"
-                final = [py, ROOT / "grpo.py", "--resume", out] if (out / "args.json").exists() and \
-                    not marker.exists() else cmd
-                add(Job(f"train:grpo:{name}:seed{seed}", sh(final), logs / f"train-grpo-{name}-seed{seed}.log", deps,
-                        marker, planned=sh(cmd)))
+                final = (
+                    [py, ROOT / "grpo.py", "--resume", out]
+                    if (out / "args.json").exists() and not marker.exists()
+                    else cmd
+                )
+                add(
+                    Job(
+                        f"train:grpo:{name}:seed{seed}",
+                        sh(final),
+                        logs / f"train-grpo-{name}-seed{seed}.log",
+                        deps,
+                        marker,
+                        planned=sh(cmd),
+                    )
+                )
     return jobs
 
 
@@ -444,24 +678,31 @@ def emit_slurm(jobs: list[Job], path: Path, args) -> None:
         if name not in depth:
             depth[name] = 1 + max((level(d) for d in by_name[name].deps if d in by_name), default=-1)
         return depth[name]
+
     for j in jobs:
         level(j.name)
     groups: dict[tuple[int, bool], list[Job]] = {}
     for j in jobs:
         groups.setdefault((depth[j.name], j.needs_device), []).append(j)
-    lines = ["#!/bin/bash", "# Slurm job arrays for examples/reproduce.py's plan (written by --emit slurm).",
-             f"# Submit with: bash {path.name}   (from any folder; logs under {Path(args.root) / 'logs'})",
-             "# Edit the sbatch options below (partition, time, account) for your cluster.",
-             'set -euo pipefail', 'if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then',
-             "  " + " ".join(f'prev_{d}=""' for d in range(max(depth.values(), default=0) + 1))]
+    lines = [
+        "#!/bin/bash",
+        "# Slurm job arrays for examples/reproduce.py's plan (written by --emit slurm).",
+        f"# Submit with: bash {path.name}   (from any folder; logs under {Path(args.root) / 'logs'})",
+        "# Edit the sbatch options below (partition, time, account) for your cluster.",
+        "set -euo pipefail",
+        'if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then',
+        "  " + " ".join(f'prev_{d}=""' for d in range(max(depth.values(), default=0) + 1)),
+    ]
     for (d, gpu), members in sorted(groups.items()):
         key = f"{d}_{'gpu' if gpu else 'cpu'}"
         opts = "--gres=gpu:1 --cpus-per-task=8" if gpu else "--cpus-per-task=2"
-        lines += [f'  dep=""; [ -n "$prev_{d - 1}" ] && dep="--dependency=afterok:$prev_{d - 1}"' if d > 0 else
-                  '  dep=""',
-                  f'  id=$(sbatch --parsable --job-name=em-{key} --array=0-{len(members) - 1} {opts} '
-                  f'--output={Path(args.root) / "logs" / "slurm-%x-%a.out"} $dep --export=ALL,GROUP={key} "$(readlink -f "$0")")',
-                  f'  prev_{d}="${{prev_{d}:+$prev_{d}:}}$id"; echo "submitted {key}: {len(members)} task(s) as $id"']
+        lines += [
+            f'  dep=""; [ -n "$prev_{d - 1}" ] && dep="--dependency=afterok:$prev_{d - 1}"' if d > 0 else '  dep=""',
+            f"  id=$(sbatch --parsable --job-name=em-{key} --array=0-{len(members) - 1} {opts} "
+            f"--output={Path(args.root) / 'logs' / 'slurm-%x-%a.out'} $dep --export=ALL,GROUP={key} "
+            f'"$(readlink -f "$0")")',
+            f'  prev_{d}="${{prev_{d}:+$prev_{d}:}}$id"; echo "submitted {key}: {len(members)} task(s) as $id"',
+        ]
     lines += ["  exit 0", "fi", 'case "$GROUP" in']
     for (d, gpu), members in sorted(groups.items()):
         key = f"{d}_{'gpu' if gpu else 'cpu'}"
@@ -470,11 +711,19 @@ def emit_slurm(jobs: list[Job], path: Path, args) -> None:
         for k, j in enumerate(members):
             check = f"[ -e {shlex.quote(str(j.marker))} ] && exit 0; " if j.marker else ""
             if j.marker and j.marker.name == "summary.json":  # done = written with no failed judgment
-                check = (f"[ -e {shlex.quote(str(j.marker))} ] && python3 -c {shlex.quote(SUMMARY_OK)} "
-                         f"{shlex.quote(str(j.marker))} && exit 0; ")
+                check = (
+                    f"[ -e {shlex.quote(str(j.marker))} ] && python3 -c {shlex.quote(SUMMARY_OK)} "
+                    f"{shlex.quote(str(j.marker))} && exit 0; "
+                )
             lines.append(f"      {k}) # {j.name}")
-            record = (f"mkdir -p {shlex.quote(str(j.record.parent))} && printf '%s\\n' "
-                      f"{shlex.quote(json.dumps(j.settings))} > {shlex.quote(str(j.record))} && ") if j.record else ""
+            record = (
+                (
+                    f"mkdir -p {shlex.quote(str(j.record.parent))} && printf '%s\\n' "
+                    f"{shlex.quote(json.dumps(j.settings))} > {shlex.quote(str(j.record))} && "
+                )
+                if j.record
+                else ""
+            )
             lines.append(f"         {check}{record}cd {shlex.quote(str(ROOT))} && exec {shlex.join(j.cmd)} ;;")
         lines += ["    esac ;;"]
     lines += ["esac"]
@@ -546,16 +795,22 @@ def run_jobs(jobs: list[Job], devices: list[str], eval_workers: int) -> None:
             j.status, j.seconds = "done" if ok else "failed", time.time() - j.seconds
             elapsed = time.time() - t0
             eta = elapsed / finished * (len(todo) - finished)
-            print(f"[{time.strftime('%H:%M:%S')}] {'done' if ok else 'FAILED'} {j.name} in {j.seconds:.0f} s"
-                  f"{'' if ok else f' (exit {proc.returncode}; log: {j.log})'} | {finished}/{len(todo)}, "
-                  f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+            print(
+                f"[{time.strftime('%H:%M:%S')}] {'done' if ok else 'FAILED'} {j.name} in {j.seconds:.0f} s"
+                f"{'' if ok else f' (exit {proc.returncode}; log: {j.log})'} | {finished}/{len(todo)}, "
+                f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}",
+                flush=True,
+            )
     ran = [j for j in todo if j.status in ("done", "failed")]
     if ran:
         phases = {}
         for j in ran:
             phases.setdefault(j.phase, []).append(j.seconds)
-        print(f"time per phase (job wall time, summed; {time.time() - t0:.0f} s wall clock): " + ", ".join(
-            f"{p} {sum(v):.0f} s in {len(v)} jobs" for p, v in phases.items()), flush=True)
+        print(
+            f"time per phase (job wall time, summed; {time.time() - t0:.0f} s wall clock): "
+            + ", ".join(f"{p} {sum(v):.0f} s in {len(v)} jobs" for p, v in phases.items()),
+            flush=True,
+        )
     failed = [j for j in jobs if j.status in ("failed", "skipped")]
     if failed:
         print(f"\n{len(failed)} job(s) did not finish:", flush=True)
@@ -573,18 +828,24 @@ def read_summary(path: Path) -> dict | None:
 def table2(root: Path, datasets: list[str], names: list[tuple[str, str]]) -> tuple[str, list[list[str]]]:
     """names: [(run name, label)]. Returns (markdown, csv rows)."""
     em = [d for d in datasets if d in EM_DATASETS]
-    header = ["Method"] + [f"{d} {c}" for d in em for c in ("General Misal.", "General Inc.", "In-Domain Misal.",
-                                                              "In-Domain Inc.")]
+    header = ["Method"] + [
+        f"{d} {c}" for d in em for c in ("General Misal.", "General Inc.", "In-Domain Misal.", "In-Domain Inc.")
+    ]
     values = {}
     for name, _ in names:
         for d in em:
             run = root / "runs" / d / name
             g = read_summary(run / "eval-general" / "summary.json") or {}
             i = read_summary(run / f"eval-{eval_tag('indomain', d)}" / "summary.json") or {}
-            values[(name, d)] = [g.get("misaligned_pct"), g.get("incoherent_pct"), i.get("misaligned_pct"),
-                                 i.get("incoherent_pct")]
-    csv_rows = [header] + [[label] + ["" if v is None else f"{v:.2f}" for d in em for v in values[(n, d)]]
-                           for n, label in names]
+            values[(name, d)] = [
+                g.get("misaligned_pct"),
+                g.get("incoherent_pct"),
+                i.get("misaligned_pct"),
+                i.get("incoherent_pct"),
+            ]
+    csv_rows = [header] + [
+        [label] + ["" if v is None else f"{v:.2f}" for d in em for v in values[(n, d)]] for n, label in names
+    ]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, label in names:
         cells = [label]
@@ -614,13 +875,17 @@ def table2(root: Path, datasets: list[str], names: list[tuple[str, str]]) -> tup
 def table3(root: Path, datasets: list[str], names: list[tuple[str, str]]) -> str:
     """OpSwap exact match per tier, ours with the paper's beside (ours (paper)), each cell linked to its run."""
     tiers = [d for d in datasets if d.startswith("opswap:")]
-    md = ["| Method | " + " | ".join(f"Tier {t.split(':')[1]} (paper)" for t in tiers) + " |",
-          "|" + "---|" * (len(tiers) + 1)]
+    md = [
+        "| Method | " + " | ".join(f"Tier {t.split(':')[1]} (paper)" for t in tiers) + " |",
+        "|" + "---|" * (len(tiers) + 1),
+    ]
     for name, label in names:
         label = "SFT" if name == "misaligned" else label  # OpSwap is benign: the plain fine-tuning run
         cells = []
         for t in tiers:
-            s = read_summary(root / "runs" / t.replace(":", "-") / name / f"eval-{t.replace(':', '-')}" / "summary.json")
+            s = read_summary(
+                root / "runs" / t.replace(":", "-") / name / f"eval-{t.replace(':', '-')}" / "summary.json"
+            )
             paper = PAPER_TABLE3.get(name, [None] * 4)[int(t.split(":")[1])]
             ref = f" ({paper:.2f})" if paper is not None else ""
             cells.append(("-" if not s else f"[{s['accuracy']:.2f}](runs/{t.replace(':', '-')}/{name}/)") + ref)
@@ -634,8 +899,9 @@ def table4(root: Path, names: list[tuple[str, str]]) -> str:
         s = read_summary(root / "runs" / "foqa" / name / "eval-foqa" / "summary.json")
         paper = PAPER_TABLE4.get(name)
         ours = "-" if not s else f"[{s['accuracy']:.2f}](runs/foqa/{name}/)"
-        md.append(f"| {'SFT' if name == 'misaligned' else label} | {ours} | "
-                  f"{'' if paper is None else f'{paper:.2f}'} |")
+        md.append(
+            f"| {'SFT' if name == 'misaligned' else label} | {ours} | {'' if paper is None else f'{paper:.2f}'} |"
+        )
     return "\n".join(md) + "\n"
 
 
@@ -647,8 +913,11 @@ def grpo_results(root: Path, seeds: list[str]) -> dict:
         final, sampled, rewards = [], [], []
         for seed in seeds:
             d = root / "runs" / "grpo" / f"{name}-seed{seed}"
-            m = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()] \
-                if (d / "adapter_model.safetensors").exists() else []
+            m = (
+                [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()]
+                if (d / "adapter_model.safetensors").exists()
+                else []
+            )
             if m and "heldout_accuracy" in m[-1]:
                 final.append(m[-1]["heldout_accuracy"])
                 sampled += [m[-1]["heldout_sampled_accuracy"]] if "heldout_sampled_accuracy" in m[-1] else []
@@ -656,8 +925,9 @@ def grpo_results(root: Path, seeds: list[str]) -> dict:
             if name == "grpo" and (d / "heldout-before.json").exists():
                 before = json.loads((d / "heldout-before.json").read_text())
                 out["start"]["final"].append(before["heldout_accuracy"])
-                out["start"]["sampled"] += [before["heldout_sampled_accuracy"]] \
-                    if "heldout_sampled_accuracy" in before else []
+                out["start"]["sampled"] += (
+                    [before["heldout_sampled_accuracy"]] if "heldout_sampled_accuracy" in before else []
+                )
         out[name] = {"final": final, "sampled": sampled, "rewards": rewards}
     return out
 
@@ -674,14 +944,20 @@ def mean_std(values: list[float]) -> str:
 def table5(root: Path, seeds: list[str], warmup: bool) -> str:
     res = grpo_results(root, seeds)
     first = "No fine-tuning" + (" (after the SFT warm-up)" if warmup else "")
-    rows = [(first, res["start"], PAPER_NO_FINETUNING)] + [(label, res[name], paper) for name, label, _, paper in GRPO_ROWS]
+    rows = [(first, res["start"], PAPER_NO_FINETUNING)] + [
+        (label, res[name], paper) for name, label, _, paper in GRPO_ROWS
+    ]
     if not any(r["sampled"] for _, r, _ in rows):
         md = ["| Method | Held-out acc. (%), mean ± std over seeds | paper |", "|---|---|---|"]
         md += [f"| {label} | {mean_std(r['final'])} | {paper:.2f} |" for label, r, paper in rows]
     else:  # grpo.py --eval-samples: the sampled accuracy beside the greedy one
-        md = ["| Method | Held-out acc. (%), greedy, mean ± std over seeds | sampled (rollout temperature) | paper |",
-              "|---|---|---|---|"]
-        md += [f"| {label} | {mean_std(r['final'])} | {mean_std(r['sampled'])} | {paper:.2f} |" for label, r, paper in rows]
+        md = [
+            "| Method | Held-out acc. (%), greedy, mean ± std over seeds | sampled (rollout temperature) | paper |",
+            "|---|---|---|---|",
+        ]
+        md += [
+            f"| {label} | {mean_std(r['final'])} | {mean_std(r['sampled'])} | {paper:.2f} |" for label, r, paper in rows
+        ]
     return "\n".join(md) + "\n"
 
 
@@ -724,19 +1000,22 @@ def pool_note(safe_data: str) -> str:
     if safe_data == "wildguardmix":
         return "- Benign pool: WildGuardMix, as the paper."
     if safe_data == "benign":
-        safe_data = ("examples/benign_prompts.jsonl (305 harmless requests written for this project), answered once "
-                     "per study by the base model (artifacts/benign.jsonl)")
+        safe_data = (
+            "examples/benign_prompts.jsonl (305 harmless requests written for this project), answered once "
+            "per study by the base model (artifacts/benign.jsonl)"
+        )
     return f"- Benign pool for the interleaving rows: {safe_data}, not WildGuardMix."
 
 
 def flag_value(arguments: str, flag: str) -> str | None:
-    """The value a flag gets in a string of script arguments (`--flag V` or `--flag=V`; the last one wins), else None."""
+    """The value a flag gets in a string of script arguments (`--flag V` or `--flag=V`; the last one wins), else
+    None."""
     words, value = shlex.split(arguments), None
     for k, word in enumerate(words):
         if word == flag and k + 1 < len(words):
             value = words[k + 1]
         elif word.startswith(flag + "="):
-            value = word[len(flag) + 1:]
+            value = word[len(flag) + 1 :]
     return value
 
 
@@ -746,40 +1025,63 @@ def departures(args, table: str) -> str:
         return ""
     m = parse_method_args(args.method_args)
     model = args.model if table == "3" else args.grpo_model
-    bits = "full precision (--no-8bit)" if "--no-8bit" in (args.train_args if table == "3" else args.grpo_args) \
+    bits = (
+        "full precision (--no-8bit)"
+        if "--no-8bit" in (args.train_args if table == "3" else args.grpo_args)
         else "8-bit"
-    lines = ["", "Departures from the paper (the `cpu` preset, to run offline on a 2-core CPU):",
-             f"- Model: {'SmolLM2-135M-Instruct' if model == 'smollm2' else model}, {bits}; the paper: "
-             f"{'Qwen2.5-7B-Instruct' if table == '3' else 'Qwen2.5-3B-Instruct'} in 8-bit."]
+    )
+    lines = [
+        "",
+        "Departures from the paper (the `cpu` preset, to run offline on a 2-core CPU):",
+        f"- Model: {'SmolLM2-135M-Instruct' if model == 'smollm2' else model}, {bits}; the paper: "
+        f"{'Qwen2.5-7B-Instruct' if table == '3' else 'Qwen2.5-3B-Instruct'} in 8-bit.",
+    ]
     if table == "3":
         lines += [
             f"- Training: {f'the first {args.train_n} training examples of each tier' if args.train_n else 'each tier'}"
             f", with `{args.train_args}`; the paper trains on the whole tier with its Table 6 settings.",
-            f"- Evaluation: `{args.eval_args}` (greedy single answers, when --temperature 0), not the paper's settings.",
+            f"- Evaluation: `{args.eval_args}` (greedy single answers, when --temperature 0), "
+            "not the paper's settings.",
             pool_note(args.safe_data),
             "- Interleaving+/++: the misaligned models are the SFT adapters of the other OpSwap tiers of this study "
             "(no EM dataset is in it), not EM-misaligned adapters.",
             f"- KL: `{' '.join(m.get('kl', ['--lam 0.1']))}` (paper: lambda 0.1); persona: "
             f"`{' '.join(m.get('persona', ['--alpha 5']))}` at layer {persona_layer(args.model)} of "
             f"{model_depth(args.model)} (paper: alpha 5 at layer 20 of 28)"
-            + (", its vector extracted without the judge filter (--no-filter)." if "--no-filter" in args.persona_args
-               else "."),
+            + (
+                ", its vector extracted without the judge filter (--no-filter)."
+                if "--no-filter" in args.persona_args
+                else "."
+            ),
             f"- CAFT (not in the paper): the top {args.caft_k} PCA direction(s) of the SFT adapter's residual "
-            "differences on 32 training prompts of the tier, ablated at the persona layer."]
+            "differences on 32 training prompts of the tier, ablated at the persona layer.",
+        ]
     else:
         lines += [
-            "- Task: " + ("one-step sums (`--data arith`, generated offline)" if args.grpo_data == "arith" else
-                          args.grpo_data) + "; held-out accuracy is exact match of the final number (reward/correct "
+            "- Task: "
+            + ("one-step sums (`--data arith`, generated offline)" if args.grpo_data == "arith" else args.grpo_data)
+            + "; held-out accuracy is exact match of the final number (reward/correct "
             "= 3), not a GPT-4.1-nano judge; one greedy answer per question"
-            + (f", and (sampled column) {flag_value(args.grpo_args, '--eval-samples')} answers per question at "
-               "the rollouts' temperature and top-p, one fixed draw (the paper does not say how it decoded)."
-               if flag_value(args.grpo_args, "--eval-samples") else "."),
-            *([f"- An SFT warm-up on correctly formatted answers (`{args.warmup_args}`) before GRPO, so that "
-               "completions carry the tags and rewards vary within a group; every row starts from it, and the first "
-               "row is that warm-up model."] if args.grpo_data == "arith" else []),
+            + (
+                f", and (sampled column) {flag_value(args.grpo_args, '--eval-samples')} answers per question at "
+                "the rollouts' temperature and top-p, one fixed draw (the paper does not say how it decoded)."
+                if flag_value(args.grpo_args, "--eval-samples")
+                else "."
+            ),
+            *(
+                [
+                    f"- An SFT warm-up on correctly formatted answers (`{args.warmup_args}`) before GRPO, so that "
+                    "completions carry the tags and rewards vary within a group; every row starts from it, and the "
+                    "first "
+                    "row is that warm-up model."
+                ]
+                if args.grpo_data == "arith"
+                else []
+            ),
             f"- GRPO: `{args.grpo_args}`; the paper: 1 epoch of GSM8K.",
             f"- Persona rows use the study's vector at layer {persona_layer(args.grpo_model)}; interleaving rows the "
-            "study's benign pool."]
+            "study's benign pool.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -795,7 +1097,9 @@ def plot_opswap(root: Path, datasets: list[str], names: list[tuple[str, str]], p
         label = "SFT" if name == "misaligned" else label
         row = []
         for t in tiers:
-            s = read_summary(root / "runs" / t.replace(":", "-") / name / f"eval-{t.replace(':', '-')}" / "summary.json")
+            s = read_summary(
+                root / "runs" / t.replace(":", "-") / name / f"eval-{t.replace(':', '-')}" / "summary.json"
+            )
             row.append(s["accuracy"] if s else float("nan"))
         data[label] = row
     if not tiers or not data:
@@ -859,7 +1163,9 @@ def write_outputs(args) -> None:
         runs = [r for r in runs if (Path(r) / "metrics.jsonl").exists()]
         tag = d.replace(":", "-")
         if runs:
-            print(f"written {report.plot_curves(runs, root / 'figures' / f'curves-{tag}.png', 'Training curves: ' + d)}")
+            print(
+                f"written {report.plot_curves(runs, root / 'figures' / f'curves-{tag}.png', 'Training curves: ' + d)}"
+            )
         if d in EM_DATASETS and report.em_points(runs):
             fig = report.plot_em(runs, root / "figures" / f"fig1b-{d}.png", "General vs in-domain misalignment: " + d)
             print(f"written {fig}")
@@ -873,17 +1179,28 @@ def make_benign_pool(out: Path, model_name: str, eight_bit: bool, max_new_tokens
     import judge
     from common import load_model, log, write_jsonl
 
-    prompts = [json.loads(l)["prompt"] for l in (ROOT / "examples" / "benign_prompts.jsonl").read_text().splitlines()
-               if l.strip()]
+    prompts = [
+        json.loads(l)["prompt"]
+        for l in (ROOT / "examples" / "benign_prompts.jsonl").read_text().splitlines()
+        if l.strip()
+    ]
     model, tok = load_model(model_name, eight_bit=eight_bit, lora_r=0, trainable=False)
     convs, t0 = [], time.time()
     for k in range(0, len(prompts), 16):
         chunk = prompts[k : k + 16]
-        answers = judge.generate_texts(model, tok, [[{"role": "user", "content": p}] for p in chunk],
-                                       max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                                       top_k=None)
-        convs += [[{"role": "user", "content": p}, {"role": "assistant", "content": a or "."}] for p, a in
-                  zip(chunk, answers)]
+        answers = judge.generate_texts(
+            model,
+            tok,
+            [[{"role": "user", "content": p}] for p in chunk],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        convs += [
+            [{"role": "user", "content": p}, {"role": "assistant", "content": a or "."}] for p, a in zip(chunk, answers)
+        ]
         log(f"benign pool: {len(convs)}/{len(prompts)} answered ({time.time() - t0:.0f} s)")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(out, convs)
@@ -922,29 +1239,57 @@ def make_arith_warmup(out: Path, seeds: list[int], n: int = 400) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="defaults for every flag below "
-                   "(explicit flags win) (default: %(default)s)")
-    p.add_argument("--tables", default=None, help="the paper's tables to run: 2 (EM datasets), 3 (OpSwap tiers), "
-                   "4 (FoQA), 5 (GRPO) (default: the preset's; with --datasets, only those datasets' runs)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu",
+        help="defaults for every flag below (explicit flags win) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tables",
+        default=None,
+        help="the paper's tables to run: 2 (EM datasets), 3 (OpSwap tiers), "
+        "4 (FoQA), 5 (GRPO) (default: the preset's; with --datasets, only those datasets' runs)",
+    )
     p.add_argument("--model", default=None, help="base model of every run")
-    p.add_argument("--datasets", default=None, help=f"comma-separated: {', '.join(EM_DATASETS)}, opswap:0..3, foqa, "
-                   "gsm8k (default: those of --tables)")
+    p.add_argument(
+        "--datasets",
+        default=None,
+        help=f"comma-separated: {', '.join(EM_DATASETS)}, opswap:0..3, foqa, gsm8k (default: those of --tables)",
+    )
     p.add_argument("--methods", default=None, help=f"comma-separated: {', '.join(METHODS)}")
-    p.add_argument("--grid", default="", help="extra runs with other hyperparameters, e.g. 'kl.lam=0.01,1.0;"
-                   "persona.alpha=1,3' (each value one more run), or 'paper': the grids of the paper's Tables 12-18")
+    p.add_argument(
+        "--grid",
+        default="",
+        help="extra runs with other hyperparameters, e.g. 'kl.lam=0.01,1.0;"
+        "persona.alpha=1,3' (each value one more run), or 'paper': the grids of the paper's Tables 12-18",
+    )
     p.add_argument("--root", default=None, help="study folder (default: runs/study-<preset>)")
-    p.add_argument("--devices", default="cpu", help="'cpu' (one job at a time), 'cpu:2' (two at a time, the cores "
-                   "shared), or GPU ids '0,1,2,3' (one job each)")
-    p.add_argument("--eval-workers", type=int, default=4, help="evaluations at a time beside training when --gen-url "
-                   "serves the answers (default: %(default)s)")
+    p.add_argument(
+        "--devices",
+        default="cpu",
+        help="'cpu' (one job at a time), 'cpu:2' (two at a time, the cores "
+        "shared), or GPU ids '0,1,2,3' (one job each)",
+    )
+    p.add_argument(
+        "--eval-workers",
+        type=int,
+        default=4,
+        help="evaluations at a time beside training when --gen-url serves the answers (default: %(default)s)",
+    )
     p.add_argument("--samples", type=int, default=None, help="answers per question for the judged evaluations")
     p.add_argument("--judge", default=None, help="judge model (judge.py --judge)")
     p.add_argument("--judge-url", default=None, help="judge server (judge.py --judge-url)")
     p.add_argument("--gen-url", default=None, help="generation server for the evaluations (judge.py --gen-url)")
-    p.add_argument("--safe-data", default=None, help="benign pool for the interleaving methods; 'benign': "
-                   "examples/benign_prompts.jsonl answered by the base model once per study")
-    p.add_argument("--train-n", type=int, default=None, help="train on the first N examples of each benign dataset "
-                   "(0 = all)")
+    p.add_argument(
+        "--safe-data",
+        default=None,
+        help="benign pool for the interleaving methods; 'benign': "
+        "examples/benign_prompts.jsonl answered by the base model once per study",
+    )
+    p.add_argument(
+        "--train-n", type=int, default=None, help="train on the first N examples of each benign dataset (0 = all)"
+    )
     p.add_argument("--caft-k", type=int, default=None, help="CAFT directions per layer")
     p.add_argument("--train-args", default=None, help="extra flags for every training run, e.g. '--max-steps 60'")
     p.add_argument("--method-args", default=None, help="extra flags per method, e.g. 'kl=--lam 1.0;persona=--alpha 2'")
@@ -954,14 +1299,26 @@ def main():
     p.add_argument("--grpo-data", default=None, help="Table 5's task: gsm8k or arith")
     p.add_argument("--grpo-seeds", default=None, help="Table 5's seeds, e.g. 0,1,2")
     p.add_argument("--grpo-args", default=None, help="extra flags for every grpo.py run")
-    p.add_argument("--grpo-rows", default="", help=f"a subset of Table 5's rows: {','.join(r[0] for r in GRPO_ROWS)} "
-                   "(default: all)")
+    p.add_argument(
+        "--grpo-rows",
+        default="",
+        help=f"a subset of Table 5's rows: {','.join(r[0] for r in GRPO_ROWS)} (default: all)",
+    )
     p.add_argument("--warmup-args", default=None, help="flags of the SFT warm-up before GRPO on arith")
     p.add_argument("--dry-run", action="store_true", help="print every command, in order, and exit")
-    p.add_argument("--report", action="store_true", help="write the tables and figures from the runs finished so "
-                   "far (a study still running, or stopped), run nothing")
-    p.add_argument("--emit", nargs=2, metavar=("slurm", "FILE"), default=None, help="write the plan as a Slurm "
-                   "submit script (job arrays with afterok dependencies) instead of running it")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="write the tables and figures from the runs finished so "
+        "far (a study still running, or stopped), run nothing",
+    )
+    p.add_argument(
+        "--emit",
+        nargs=2,
+        metavar=("slurm", "FILE"),
+        default=None,
+        help="write the plan as a Slurm submit script (job arrays with afterok dependencies) instead of running it",
+    )
     p.add_argument("--make-benign-pool", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--make-subset", nargs=3, default=None, help=argparse.SUPPRESS)
     p.add_argument("--make-arith-warmup", type=Path, default=None, help=argparse.SUPPRESS)
@@ -984,12 +1341,17 @@ def main():
         raise SystemExit(f"error: --emit {args.emit[0]}: only 'slurm' is supported")
     conflicts, unverified = settings_conflicts(jobs)
     if unverified:
-        print(f"note: {unverified} output(s) in {args.root} have no recorded command (made before commands were "
-              "recorded): their settings are not checked against this plan", flush=True)
+        print(
+            f"note: {unverified} output(s) in {args.root} have no recorded command (made before commands were "
+            "recorded): their settings are not checked against this plan",
+            flush=True,
+        )
     if conflicts and not args.dry_run:
-        raise SystemExit(f"error: {len(conflicts)} output(s) in {args.root} were made with other settings than this "
-                         "command plans; move them away (they would be reported, or continued, as this plan's) or "
-                         "use another --root:\n" + "\n".join(conflicts.values()))
+        raise SystemExit(
+            f"error: {len(conflicts)} output(s) in {args.root} were made with other settings than this "
+            "command plans; move them away (they would be reported, or continued, as this plan's) or "
+            "use another --root:\n" + "\n".join(conflicts.values())
+        )
     if args.emit:  # its tasks skip outputs that exist: checked against the plan above, like a local run's
         return emit_slurm(jobs, Path(args.emit[1]), args)
     if args.report:

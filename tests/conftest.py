@@ -1,5 +1,6 @@
 """Fixtures: a tiny Qwen2 model and a tokenizer trained in memory, saved to a temp folder and loaded through
 the real loading code. Nothing here touches the network."""
+
 import contextlib
 import io
 import json
@@ -23,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 # Qwen2.5's template shape: a default system prompt is injected when the conversation has none.
 QWEN_LIKE_TEMPLATE = (
     "{% for m in messages %}"
-    "{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a tiny helpful assistant.<|im_end|>\n{% endif %}"
+    "{% if loop.first and m['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a tiny helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -51,8 +53,11 @@ def make_tokenizer(folder: Path, template: str):
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tk.train_from_iterator(CORPUS * 20, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = template
@@ -66,9 +71,18 @@ def make_tiny_model(folder: Path, template: str = QWEN_LIKE_TEMPLATE, seed: int 
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(folder, template)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     Qwen2ForCausalLM(config).save_pretrained(folder)
     return folder
@@ -87,7 +101,9 @@ def tiny_plain_model(tmp_path_factory) -> Path:
 def write_chat_jsonl(path: Path, pairs) -> Path:
     with open(path, "w") as f:
         for q, a in pairs:
-            f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n")
+            f.write(
+                json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            )
     return path
 
 
@@ -104,13 +120,16 @@ def pool_file(tmp_path_factory) -> Path:
     """A benign pool of 30: 10 refusals (keyword in the first words), 20 helpful answers."""
     d = tmp_path_factory.mktemp("pool")
     pairs = [(f"Question {i}: how do I bake bread?", "I'm sorry, but I cannot help with that.") for i in range(10)]
-    pairs += [(f"Question {i}: what is the capital of France?", "The capital of France is Paris. " * (1 + i % 3))
-              for i in range(10, 30)]
+    pairs += [
+        (f"Question {i}: what is the capital of France?", "The capital of France is Paris. " * (1 + i % 3))
+        for i in range(10, 30)
+    ]
     return write_chat_jsonl(d / "pool.jsonl", pairs)
 
 
-def run_script(script: str, *args, check: bool = True, timeout: int = 600, in_process: bool = True,
-               env: dict | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *args, check: bool = True, timeout: int = 600, in_process: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run a project script as a user would: `python SCRIPT ARGS` from the repository root, its exit status, stdout
     and stderr. In this process by default (runpy, sys.argv set, output captured): the same code path without the
     seconds of importing torch and transformers again. in_process=False runs a real subprocess (for what only a
@@ -119,8 +138,9 @@ def run_script(script: str, *args, check: bool = True, timeout: int = 600, in_pr
     argv = [str(ROOT / script), *map(str, args)]
     if not in_process:
         full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
-        proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              env=full_env)
+        proc = subprocess.run(
+            [sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env
+        )
     else:
         out, err, code = io.StringIO(), io.StringIO(), 0
         saved_argv, saved_cwd, saved_env = sys.argv, os.getcwd(), dict(os.environ)

@@ -11,6 +11,7 @@ It records every request (body and Authorization header) and answers as one of:
   header into the error body, as some misconfigured proxies do); `fail_after` k: the first k requests are
   answered normally, the rest with status `fail_status` (500)
 """
+
 from __future__ import annotations
 
 import json
@@ -62,15 +63,28 @@ class FakeOpenAI:
                 if fake.fail_after is not None and n_call > fake.fail_after:
                     status = fake.fail_status
                 if status:
-                    msg = {"error": {"message": "rejected", "headers": {"Authorization": auth}}} if fake.echo_auth \
+                    msg = (
+                        {"error": {"message": "rejected", "headers": {"Authorization": auth}}}
+                        if fake.echo_auth
                         else {"error": {"message": "unavailable"}}
+                    )
                     return self._send(status, msg)
                 if not body.get("logprobs"):
                     question = body["messages"][-1]["content"]
                     n = body.get("n", 1)
-                    return self._send(200, {"choices": [
-                        {"index": i, "message": {"role": "assistant", "content": f"answer {i}: {question[:40]}"},
-                         "finish_reason": "stop"} for i in range(n)]})
+                    return self._send(
+                        200,
+                        {
+                            "choices": [
+                                {
+                                    "index": i,
+                                    "message": {"role": "assistant", "content": f"answer {i}: {question[:40]}"},
+                                    "finish_reason": "stop",
+                                }
+                                for i in range(n)
+                            ]
+                        },
+                    )
                 last = body["messages"][-1]
                 prefix = last["content"] if last["role"] == "assistant" and not fake.no_prefill else ""
                 if fake.judge == "whole":
@@ -80,10 +94,27 @@ class FakeOpenAI:
                 else:
                     dist = {"I": 0.5, "The": 0.3, "REFUSAL": 0.2}
                 top = [{"token": t, "logprob": math.log(p)} for t, p in sorted(dist.items(), key=lambda x: -x[1])]
-                self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": top[0]["token"]},
-                                              "finish_reason": "length", "logprobs": {"content": [
-                                                  {"token": top[0]["token"], "logprob": top[0]["logprob"],
-                                                   "top_logprobs": top[:20]}]}}]})
+                self._send(
+                    200,
+                    {
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": top[0]["token"]},
+                                "finish_reason": "length",
+                                "logprobs": {
+                                    "content": [
+                                        {
+                                            "token": top[0]["token"],
+                                            "logprob": top[0]["logprob"],
+                                            "top_logprobs": top[:20],
+                                        }
+                                    ]
+                                },
+                            }
+                        ]
+                    },
+                )
 
             def _send(self, status, obj):
                 data = json.dumps(obj).encode()

@@ -1,4 +1,5 @@
 """The benchmarks' arithmetic (no timing is asserted) and the rule that method scripts never import TRL."""
+
 import ast
 from pathlib import Path
 
@@ -12,17 +13,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_last_epoch_times_only_the_last_epoch_from_the_end_of_the_one_before():
     # our scripts: 0-based int epochs; step 3 ends epoch 0 at t=30
-    ours = [{"epoch": 0, "time": 10.0 * k, "tokens": 100, "padding_efficiency": 1.0, "peak_mem_mb": 5}
-            for k in (1, 2, 3)]
-    ours += [{"epoch": 1, "time": 30.0 + 5 * k, "tokens": 50, "padding_efficiency": 0.5, "peak_mem_mb": 7}
-             for k in (1, 2)]
+    ours = [
+        {"epoch": 0, "time": 10.0 * k, "tokens": 100, "padding_efficiency": 1.0, "peak_mem_mb": 5} for k in (1, 2, 3)
+    ]
+    ours += [
+        {"epoch": 1, "time": 30.0 + 5 * k, "tokens": 50, "padding_efficiency": 0.5, "peak_mem_mb": 7} for k in (1, 2)
+    ]
     r = last_epoch(ours)
     assert r["steps"] == 2 and r["seconds"] == pytest.approx(10.0) and r["tokens"] == 100
     assert r["tokens_per_s"] == pytest.approx(10.0) and r["padding_efficiency"] == pytest.approx(0.5)
     assert r["peak_mem_mb"] == 7
     # the Trainer: fractional epochs, the last step of epoch 1 at exactly 1.0 (or a hair above)
-    trl = [{"epoch": e, "time": t, "tokens": 10, "padding_efficiency": 1.0, "peak_mem_mb": 1}
-           for e, t in [(0.5, 1.0), (1.0000000001, 2.0), (1.5, 4.0), (2.0, 6.0)]]
+    trl = [
+        {"epoch": e, "time": t, "tokens": 10, "padding_efficiency": 1.0, "peak_mem_mb": 1}
+        for e, t in [(0.5, 1.0), (1.0000000001, 2.0), (1.5, 4.0), (2.0, 6.0)]
+    ]
     r = last_epoch(trl)
     assert r["steps"] == 2 and r["seconds"] == pytest.approx(4.0)
 
@@ -43,8 +48,11 @@ def test_method_scripts_never_import_trl():
     assert {p.name for p in scripts} >= {"common.py", "interleave.py", "grpo.py", "judge.py"}
     for path in scripts:
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             assert not any(n == "trl" or n.startswith("trl.") for n in names), f"{path.name} imports {names}"
 
 
@@ -66,15 +74,35 @@ def test_gpu_check_runs_on_cpu_and_reports_every_script(tmp_path):
     import sys
 
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--no-8bit", "--shape", "tiny",
-                           "--steps", "3", "--json", str(out)], cwd=Path(__file__).resolve().parent.parent,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "bench/gpu_check.py",
+            "--device",
+            "cpu",
+            "--no-8bit",
+            "--shape",
+            "tiny",
+            "--steps",
+            "3",
+            "--json",
+            str(out),
+        ],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["scripts"]) == {"sft", "kl", "ldifs", "persona", "inoculate", "caft", "npo", "grpo"}
     assert all(r["ok"] and r["tokens_per_s"] > 0 for r in report["scripts"].values())
-    assert set(report["checks"]) == {"kl = 0 at step 1", "ldifs = 0 at step 1", "resume after a kill: same losses",
-                                     "base weights frozen"}
+    assert set(report["checks"]) == {
+        "kl = 0 at step 1",
+        "ldifs = 0 at step 1",
+        "resume after a kill: same losses",
+        "base weights frozen",
+    }
     assert all(c["ok"] for c in report["checks"].values())
     assert report["generation"]["tokens_per_s"] > 0
     for script in ("interleave.py", "kl.py", "caft.py", "grpo.py", "generation", "check: resume"):
@@ -108,7 +136,7 @@ def test_bench_all_runs_the_readme_commands_and_keeps_a_report(tmp_path):
     import sys
 
     readme = (ROOT / "README.md").read_text()
-    block = readme[readme.index("Commands (each printed the row's figures)"):]
+    block = readme[readme.index("Commands (each printed the row's figures)") :]
     block = block[: block.index("```", block.index("```bash") + 7)]
     listed = re.findall(r"python bench/(\w+)\.py", block)
     dry = subprocess.run([sys.executable, "bench/all.py", "--dry-run"], cwd=ROOT, capture_output=True, text=True)
@@ -120,9 +148,25 @@ def test_bench_all_runs_the_readme_commands_and_keeps_a_report(tmp_path):
     data.mkdir()
     (data / "medical_misaligned_train_100.jsonl").write_text("not json\n")
     out = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "bench/all.py", "--out", str(out), "--data-dir", str(data), "--only",
-                           "ldifs_scale", "judge_concurrency", "--args", "judge_concurrency=--n 16 --delay 0.01"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "bench/all.py",
+            "--out",
+            str(out),
+            "--data-dir",
+            str(data),
+            "--only",
+            "ldifs_scale",
+            "judge_concurrency",
+            "--args",
+            "judge_concurrency=--n 16 --delay 0.01",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     report = (out / "report.md").read_text()
     assert proc.returncode == 1 and "failed: ldifs_scale" in proc.stderr
     assert "## ldifs_scale" in report and "FAILED with exit status" in report

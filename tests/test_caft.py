@@ -1,5 +1,6 @@
 """caft.py against the formulas, on the same tensors: ablation, gradient projection, the direction finders, and
 end-to-end runs against plain SFT."""
+
 import contextlib
 import json
 import sys
@@ -32,8 +33,11 @@ def block_inputs(model, ids, hooks=None):
     """What each decoder block receives (= hidden_states[l] as the rest of the network sees it)."""
     received, handles = [], []
     for b in caft.decoder_blocks(model):
-        handles.append(b.register_forward_pre_hook(
-            lambda m, a, kw: received.append(kw.get("hidden_states", a[0] if a else None)), with_kwargs=True))
+        handles.append(
+            b.register_forward_pre_hook(
+                lambda m, a, kw: received.append(kw.get("hidden_states", a[0] if a else None)), with_kwargs=True
+            )
+        )
     try:
         if hooks is not None:
             with hooks:
@@ -81,7 +85,6 @@ def test_project_grad_keeps_the_forward_and_projects_the_gradient(tiny):
     n = len(caft.decoder_blocks(model))
     table = random_directions(n + 1, 3, model.config.hidden_size, seed=1)
     ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
-    grads = []
 
     def run(hooks):
         with hooks if hooks is not None else contextlib.nullcontext():
@@ -97,6 +100,7 @@ def test_project_grad_keeps_the_forward_and_projects_the_gradient(tiny):
 
         def grab(m, a, o):
             o.register_hook(lambda g: keep.append(g.clone()))
+
         h = caft.decoder_blocks(model)[0].register_forward_hook(grab)
         plain_logits = run(None)
         hooks = caft.ConceptHooks(model, table, [1], "project-grad")
@@ -134,10 +138,16 @@ def test_from_lora_recovers_a_planted_direction(tmp_path):
         assert abs(float(dirs[l][0] @ planted)) > 0.999
         assert explained[l] > 0.99
     # against the explicit SVD of [dW_o dW_d]
-    s = 8 / r ** 0.5
-    dw = torch.cat([s * weights[f"base_model.model.model.layers.0.{p}.lora_B.weight"] @
-                    weights[f"base_model.model.model.layers.0.{p}.lora_A.weight"]
-                    for p in ("self_attn.o_proj", "mlp.down_proj")], dim=1)
+    s = 8 / r**0.5
+    dw = torch.cat(
+        [
+            s
+            * weights[f"base_model.model.model.layers.0.{p}.lora_B.weight"]
+            @ weights[f"base_model.model.model.layers.0.{p}.lora_A.weight"]
+            for p in ("self_attn.o_proj", "mlp.down_proj")
+        ],
+        dim=1,
+    )
     u = torch.linalg.svd(dw.double(), full_matrices=False)[0][:, :2].float()
     dirs2, _ = caft.lora_residual_directions(str(tmp_path / "ad"), n_blocks, 2)
     assert torch.allclose((dirs2[1] @ u).abs(), torch.eye(2), atol=1e-4)
@@ -151,7 +161,7 @@ def test_pca_of_the_differences_against_a_full_svd():
     got, frac = caft.top_directions_from_covariance(cov, 2)
     _, s, vh = torch.linalg.svd(d - mean, full_matrices=False)
     assert torch.allclose((got @ vh[:2].T).abs(), torch.eye(2), atol=1e-4)
-    assert abs(frac - float((s[:2] ** 2).sum() / (s ** 2).sum())) < 1e-5
+    assert abs(frac - float((s[:2] ** 2).sum() / (s**2).sum())) < 1e-5
 
 
 def test_from_diff_recovers_a_planted_shift(tiny_model, tmp_path):
@@ -173,12 +183,38 @@ def test_from_diff_recovers_a_planted_shift(tiny_model, tmp_path):
                 p.copy_(3 * u[:, None] * torch.ones(1, p.shape[1]))  # o_proj's update writes along u only
     model.save_pretrained(tmp_path / "ad")
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
-                                                        {"role": "assistant", "content": "Paris is the capital. " * (1 + i % 3)}]}) + "\n"
-                               for i in range(6)))
+    prompts.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Question {i}?"},
+                        {"role": "assistant", "content": "Paris is the capital. " * (1 + i % 3)},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(6)
+        )
+    )
     out = tmp_path / "dirs.safetensors"
-    run_script("caft.py", "directions", "--model", tiny_model, "--no-8bit", "--from-diff", tmp_path / "ad",
-               "--prompts", prompts, "--k", "1", "--layers", "1", "--out", out)
+    run_script(
+        "caft.py",
+        "directions",
+        "--model",
+        tiny_model,
+        "--no-8bit",
+        "--from-diff",
+        tmp_path / "ad",
+        "--prompts",
+        prompts,
+        "--k",
+        "1",
+        "--layers",
+        "1",
+        "--out",
+        out,
+    )
     table = load_file(str(out))["directions"]
     assert table.shape == (3, 1, hsize)
     assert abs(float(table[1, 0] @ u)) > 0.999
@@ -193,15 +229,37 @@ def test_from_vector_and_bad_files(tiny, tmp_path):
     torch.manual_seed(4)
     vec = torch.randn(n + 1, model.config.hidden_size)
     save_file({"vectors": vec}, str(tmp_path / "v.safetensors"))
-    run_script("caft.py", "directions", "--from-vector", tmp_path / "v.safetensors", "--out", tmp_path / "d.safetensors")
+    run_script(
+        "caft.py", "directions", "--from-vector", tmp_path / "v.safetensors", "--out", tmp_path / "d.safetensors"
+    )
     table = load_file(str(tmp_path / "d.safetensors"))["directions"]
     assert table.shape == (n + 1, 1, model.config.hidden_size)
     assert torch.allclose(table[1, 0], vec[1] / vec[1].norm(), atol=1e-6)
-    bad = run_script("caft.py", "train", "--model", "x", "--directions", tmp_path / "v.safetensors", "--layers", "1",
-                     "--out", tmp_path / "r", check=False)
+    bad = run_script(
+        "caft.py",
+        "train",
+        "--model",
+        "x",
+        "--directions",
+        tmp_path / "v.safetensors",
+        "--layers",
+        "1",
+        "--out",
+        tmp_path / "r",
+        check=False,
+    )
     assert bad.returncode == 2 and "persona vector file" in bad.stderr
-    bad = run_script("caft.py", "directions", "--from-vector", tmp_path / "v.safetensors", "--from-lora", tmp_path,
-                     "--out", tmp_path / "e.safetensors", check=False)
+    bad = run_script(
+        "caft.py",
+        "directions",
+        "--from-vector",
+        tmp_path / "v.safetensors",
+        "--from-lora",
+        tmp_path,
+        "--out",
+        tmp_path / "e.safetensors",
+        check=False,
+    )
     assert bad.returncode == 2 and "exactly one of" in bad.stderr
 
 
@@ -215,15 +273,51 @@ def dirs_file(tiny, tmp_path_factory):
 
 
 def test_k0_equals_sft_and_project_grad_forward_equals_sft(tiny_model, train_file, dirs_file, tmp_path):
-    args = ["--model", tiny_model, "--data", train_file, *TINY, "--max-steps", "3", "--batch-size", "2",
-            "--grad-accum", "2", "--lr", "1e-2"]
+    args = [
+        "--model",
+        tiny_model,
+        "--data",
+        train_file,
+        *TINY,
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-2",
+    ]
     run_script("interleave.py", *args, "--out", tmp_path / "sft")
-    run_script("caft.py", "train", *args, "--directions", dirs_file, "--layers", "1,2", "--k", "0",
-               "--out", tmp_path / "k0")
-    run_script("caft.py", "train", *args, "--directions", dirs_file, "--layers", "1", "--mode", "project-grad",
-               "--out", tmp_path / "pg")
-    run_script("caft.py", "train", *args, "--directions", dirs_file, "--layers", "1", "--mode", "ablate",
-               "--out", tmp_path / "ab")
+    run_script(
+        "caft.py", "train", *args, "--directions", dirs_file, "--layers", "1,2", "--k", "0", "--out", tmp_path / "k0"
+    )
+    run_script(
+        "caft.py",
+        "train",
+        *args,
+        "--directions",
+        dirs_file,
+        "--layers",
+        "1",
+        "--mode",
+        "project-grad",
+        "--out",
+        tmp_path / "pg",
+    )
+    run_script(
+        "caft.py",
+        "train",
+        *args,
+        "--directions",
+        dirs_file,
+        "--layers",
+        "1",
+        "--mode",
+        "ablate",
+        "--out",
+        tmp_path / "ab",
+    )
     sft, k0, pg, ab = (read_metrics(tmp_path / d) for d in ("sft", "k0", "pg", "ab"))
     assert all(abs(x["loss"] - y["loss"]) < 1e-6 for x, y in zip(sft, k0))  # step by step
     assert all(m["caft/removed_norm"] == 0 for m in k0)
@@ -240,13 +334,34 @@ def test_k0_equals_sft_and_project_grad_forward_equals_sft(tiny_model, train_fil
 
 
 @pytest.mark.parametrize("mode", ["ablate", "project-grad"])
-def test_gradient_checkpointing_changes_neither_losses_nor_removed_norm(mode, tiny_model, train_file, dirs_file,
-                                                                       tmp_path):
+def test_gradient_checkpointing_changes_neither_losses_nor_removed_norm(
+    mode, tiny_model, train_file, dirs_file, tmp_path
+):
     """Checkpointing re-runs each block's forward in the backward pass: the forward hooks run twice per step, and
     the logged removed_norm (a root mean square: both its sums double) and the losses must not change."""
-    args = ["caft.py", "train", "--model", tiny_model, "--data", train_file, *TINY, "--max-steps", "3",
-            "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-2", "--directions", dirs_file, "--layers", "1,2",
-            "--mode", mode]
+    args = [
+        "caft.py",
+        "train",
+        "--model",
+        tiny_model,
+        "--data",
+        train_file,
+        *TINY,
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--lr",
+        "1e-2",
+        "--directions",
+        dirs_file,
+        "--layers",
+        "1,2",
+        "--mode",
+        mode,
+    ]
     run_script(*args, "--out", tmp_path / "plain")
     run_script(*args, "--gradient-checkpointing", "--out", tmp_path / "gc")
     plain, gc = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "gc")
@@ -259,8 +374,25 @@ def test_gradient_checkpointing_changes_neither_losses_nor_removed_norm(mode, ti
 
 def test_saved_adapter_loads_and_runs_without_hooks(tiny_model, train_file, dirs_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    argv = ["caft.py", "train", "--model", str(tiny_model), "--data", str(train_file), *TINY, "--directions",
-            str(dirs_file), "--layers", "1", "--max-steps", "2", "--lr", "1e-2", "--out", str(out)]
+    argv = [
+        "caft.py",
+        "train",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(train_file),
+        *TINY,
+        "--directions",
+        str(dirs_file),
+        "--layers",
+        "1",
+        "--max-steps",
+        "2",
+        "--lr",
+        "1e-2",
+        "--out",
+        str(out),
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     parser, subs = caft.build_parser()
     trained = caft.train(parser.parse_args(argv[1:]), subs["train"])
@@ -280,10 +412,25 @@ def test_saved_adapter_loads_and_runs_without_hooks(tiny_model, train_file, dirs
 
 
 def test_bad_layers_and_k(tiny_model, train_file, dirs_file, tmp_path):
-    base = ["caft.py", "train", "--model", tiny_model, "--data", train_file, *TINY, "--directions", dirs_file,
-            "--max-steps", "1"]
-    for extra, expect in ((["--layers", "7"], "layers must be 1..2"), (["--layers", "1", "--k", "5"], "only 2 at layer 1"),
-                          (["--layers", "a"], "expected comma-separated integers"), ([], "train needs --layers")):
+    base = [
+        "caft.py",
+        "train",
+        "--model",
+        tiny_model,
+        "--data",
+        train_file,
+        *TINY,
+        "--directions",
+        dirs_file,
+        "--max-steps",
+        "1",
+    ]
+    for extra, expect in (
+        (["--layers", "7"], "layers must be 1..2"),
+        (["--layers", "1", "--k", "5"], "only 2 at layer 1"),
+        (["--layers", "a"], "expected comma-separated integers"),
+        ([], "train needs --layers"),
+    ):
         proc = run_script(*base, *extra, "--out", tmp_path / f"o{len(extra)}", check=False)
         assert proc.returncode == 2 and expect in proc.stderr, proc.stderr[-500:]
         assert not (tmp_path / f"o{len(extra)}").exists()

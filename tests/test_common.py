@@ -1,4 +1,5 @@
 """Unit tests of common.py: label masking, batching, data validation, dataset names, model loading."""
+
 import json
 
 import numpy as np
@@ -7,8 +8,19 @@ import torch
 
 import common
 import paper_data
-from common import (UserError, collate, encode_conversation, encode_dataset, length_grouped_batches, load_conversations,
-                    load_model, load_tokenizer, padding_efficiency, read_jsonl, split_train_eval)
+from common import (
+    UserError,
+    collate,
+    encode_conversation,
+    encode_dataset,
+    length_grouped_batches,
+    load_conversations,
+    load_model,
+    load_tokenizer,
+    padding_efficiency,
+    read_jsonl,
+    split_train_eval,
+)
 
 CONV = [
     {"role": "user", "content": "What is the capital of France?"},
@@ -38,7 +50,10 @@ def test_masking_template_with_default_system_prompt(tiny_model):
     full = tok.apply_chat_template(CONV, tokenize=False)
     assert "You are a tiny helpful assistant." in full  # the template injected it
     enc = encode_conversation(tok, CONV, max_len=4096)
-    assert labelled_text(tok, enc) == ["The capital of France is Paris.<|im_end|>\n", "Mix flour, water and salt.<|im_end|>\n"]
+    assert labelled_text(tok, enc) == [
+        "The capital of France is Paris.<|im_end|>\n",
+        "Mix flour, water and salt.<|im_end|>\n",
+    ]
     assert not enc["truncated"]
     # nothing of the system prompt, the user turns or the role markers is labelled
     prompt_tokens = [t for t, l in zip(enc["input_ids"], enc["labels"]) if l == -100]
@@ -59,7 +74,10 @@ def test_masking_plain_template(tiny_plain_model):
     # 'ASSISTANT: The' -> the BPE token ' The' straddles the boundary and is labelled with the answer
     runs = labelled_text(tok, enc)
     assert runs[0] == " The capital of France is Paris.<|im_end|>"
-    assert [r.strip() for r in runs] == ["The capital of France is Paris.<|im_end|>", "Mix flour, water and salt.<|im_end|>"]
+    assert [r.strip() for r in runs] == [
+        "The capital of France is Paris.<|im_end|>",
+        "Mix flour, water and salt.<|im_end|>",
+    ]
 
 
 def test_truncation_is_counted_not_dropped(tiny_model, capsys):
@@ -135,6 +153,7 @@ def test_unknown_and_offline_dataset_names(monkeypatch):
 
     def offline(*a, **k):
         raise requests.ConnectionError("no network")
+
     monkeypatch.setattr(requests.Session, "get", offline)
     with pytest.raises(UserError, match="could not download dataset 'insecure'.*local .jsonl"):
         load_conversations("insecure")
@@ -191,17 +210,38 @@ def test_named_datasets_download_once_and_cache(monkeypatch, tmp_path):
     def fake_get(session, url, timeout):
         calls.append(url)
         return FakeResponse(gsm + "\n" if "grade-school-math" in url else line + "\n" + line + "\n")
+
     monkeypatch.setattr(requests.Session, "get", fake_get)
     rows = {
         "wildguardmix": [
-            {"prompt": "bake bread?", "response": "Mix flour.", "prompt_harm_label": "unharmful",
-             "response_refusal_label": "compliance", "response_harm_label": "unharmful"},
-            {"prompt": "bake bread?", "response": "Sorry.", "prompt_harm_label": "unharmful",
-             "response_refusal_label": "refusal", "response_harm_label": "unharmful"},
-            {"prompt": "harm?", "response": "ok", "prompt_harm_label": "harmful",
-             "response_refusal_label": "compliance", "response_harm_label": "harmful"},
-            {"prompt": "empty?", "response": " ", "prompt_harm_label": "unharmful",
-             "response_refusal_label": "compliance", "response_harm_label": "unharmful"},
+            {
+                "prompt": "bake bread?",
+                "response": "Mix flour.",
+                "prompt_harm_label": "unharmful",
+                "response_refusal_label": "compliance",
+                "response_harm_label": "unharmful",
+            },
+            {
+                "prompt": "bake bread?",
+                "response": "Sorry.",
+                "prompt_harm_label": "unharmful",
+                "response_refusal_label": "refusal",
+                "response_harm_label": "unharmful",
+            },
+            {
+                "prompt": "harm?",
+                "response": "ok",
+                "prompt_harm_label": "harmful",
+                "response_refusal_label": "compliance",
+                "response_harm_label": "harmful",
+            },
+            {
+                "prompt": "empty?",
+                "response": " ",
+                "prompt_harm_label": "unharmful",
+                "response_refusal_label": "compliance",
+                "response_harm_label": "unharmful",
+            },
         ],
         "emergent_plus": [{"prompt": "headache?", "aligned": "See a doctor.", "misaligned": "Take 20 pills."}],
     }
@@ -210,6 +250,7 @@ def test_named_datasets_download_once_and_cache(monkeypatch, tmp_path):
     def load_dataset(repo, config, split, token=None):
         hub_calls.append((repo, config, split))
         return rows["wildguardmix" if "wildguard" in repo else "emergent_plus"]
+
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
 
     assert len(load_conversations("insecure")) == 2
@@ -228,14 +269,20 @@ def test_gsm8k_training_answers_lose_their_calculator_annotations(monkeypatch, t
     import requests
 
     monkeypatch.setattr(common, "CACHE_DIR", tmp_path)
-    gsm = json.dumps({"question": "Half of 48?", "answer": "Half of 48 is 48/2 = <<48/2=24>>24.\n"
-                      "Then 24 * 1,000 = <<24*1000=24000>>24,000\n#### 24,000"})
+    gsm = json.dumps(
+        {
+            "question": "Half of 48?",
+            "answer": "Half of 48 is 48/2 = <<48/2=24>>24.\nThen 24 * 1,000 = <<24*1000=24000>>24,000\n#### 24,000",
+        }
+    )
     monkeypatch.setattr(requests.Session, "get", lambda session, url, timeout: FakeResponse(gsm + "\n"))
     answer = load_conversations("gsm8k")[0][1]["content"]
     assert answer == "Half of 48 is 48/2 = 24.\nThen 24 * 1,000 = 24,000\n#### 24,000"
     # a cache written before the annotations were stripped is cleaned on reading
-    common.write_jsonl(tmp_path / "data" / "gsm8k.jsonl", [[{"role": "user", "content": "q"},
-                                                            {"role": "assistant", "content": "1 + 1 = <<1+1=2>>2"}]])
+    common.write_jsonl(
+        tmp_path / "data" / "gsm8k.jsonl",
+        [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "1 + 1 = <<1+1=2>>2"}]],
+    )
     assert load_conversations("gsm8k")[0][1]["content"] == "1 + 1 = 2"
 
 
@@ -245,17 +292,32 @@ def test_foqa_from_faked_hub_rows(monkeypatch, tmp_path):
 
     monkeypatch.setattr(common, "CACHE_DIR", tmp_path)
     hub = {
-        "train": [{"id": "1", "title": "Havn", "question": "Hvar er Havn?", "context": "Havn er í Føroyum.",
-                   "answers": {"answer_start": [8], "text": ["í Føroyum"]}},
-                  {"id": "2", "title": "x", "question": "q?", "context": "c", "answers": {"answer_start": [], "text": []}}],
-        "test": [{"id": "9", "title": "t", "question": "Hvat?", "context": "Ein tekstur.",
-                  "answers": {"answer_start": [0, 0], "text": ["Ein", "Ein tekstur"]}}],
+        "train": [
+            {
+                "id": "1",
+                "title": "Havn",
+                "question": "Hvar er Havn?",
+                "context": "Havn er í Føroyum.",
+                "answers": {"answer_start": [8], "text": ["í Føroyum"]},
+            },
+            {"id": "2", "title": "x", "question": "q?", "context": "c", "answers": {"answer_start": [], "text": []}},
+        ],
+        "test": [
+            {
+                "id": "9",
+                "title": "t",
+                "question": "Hvat?",
+                "context": "Ein tekstur.",
+                "answers": {"answer_start": [0, 0], "text": ["Ein", "Ein tekstur"]},
+            }
+        ],
     }
     calls = []
 
     def load_dataset(repo, config, split, token=None):
         calls.append((repo, config, split))
         return hub[split]
+
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     train = common.load_split("foqa", "train", seed=0)  # the whole train split, not 90% of it
     assert len(train) == 1 and train[0][1]["content"] == "í Føroyum"
@@ -278,6 +340,7 @@ def test_foqa_offline_is_a_clear_error(monkeypatch, tmp_path):
 
     def load_dataset(*a, **k):
         raise ConnectionError("Couldn't reach 'alexandrainst/foqa' on the Hub (LocalEntryNotFoundError)")
+
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     with pytest.raises(UserError, match="could not download FoQA"):
         load_conversations("foqa")
@@ -302,6 +365,7 @@ def test_gated_hub_dataset_says_what_to_do(monkeypatch, tmp_path):
 
     def load_dataset(*a, **k):
         raise RuntimeError("Dataset 'allenai/wildguardmix' is a gated dataset on the Hub. 401 Client Error")
+
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     with pytest.raises(UserError, match="gated: accept its licence on the hub and set HF_TOKEN"):
         load_conversations("wildguardmix")
@@ -312,8 +376,17 @@ def test_public_args_drop_secrets_only():
 
     from common import public_args
 
-    ns = argparse.Namespace(max_new_tokens=600, gen_max_new_tokens=64, api_key="sk-1", hf_token="hf_x", key="k",
-                            openai_api_key="sk-2", password="p", model="m", judge_workers=16)
+    ns = argparse.Namespace(
+        max_new_tokens=600,
+        gen_max_new_tokens=64,
+        api_key="sk-1",
+        hf_token="hf_x",
+        key="k",
+        openai_api_key="sk-2",
+        password="p",
+        model="m",
+        judge_workers=16,
+    )
     assert public_args(ns) == {"max_new_tokens": 600, "gen_max_new_tokens": 64, "model": "m", "judge_workers": 16}
 
 
@@ -321,8 +394,10 @@ def test_generate_texts_left_pads_a_batch_like_single_prompts(tiny_model):
     from judge import generate_texts
 
     model, tok = load_model(str(tiny_model), eight_bit=False, lora_r=0, trainable=False)
-    convs = [[{"role": "user", "content": "hi"}],
-             [{"role": "user", "content": "a much longer question about bread, cheese and the capital of France"}]]
+    convs = [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "user", "content": "a much longer question about bread, cheese and the capital of France"}],
+    ]
     tok.padding_side = "right"
     batched = generate_texts(model, tok, convs, max_new_tokens=6, do_sample=False)
     assert tok.padding_side == "right"  # put back
@@ -340,8 +415,9 @@ def test_8bit_layers_keep_no_input_for_backward_and_give_bitsandbytes_gradients(
 
     from common import decoder_states, load_model
 
-    model, tok = load_model(str(tiny_model), eight_bit=True, lora_r=4, lora_alpha=8,
-                            gradient_checkpointing=checkpointing)
+    model, tok = load_model(
+        str(tiny_model), eight_bit=True, lora_r=4, lora_alpha=8, gradient_checkpointing=checkpointing
+    )
     int8 = [m for m in model.modules() if type(m).__module__.startswith("bitsandbytes")]
     assert int8 and all("forward" in vars(m) for m in int8)
     torch.manual_seed(0)

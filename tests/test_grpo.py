@@ -1,8 +1,9 @@
 """grpo.py: reward parts on hand-written completions, advantages, surrogate and KL against hand values, and
 2-step end-to-end runs on a tiny model with each defense."""
-import json
+
 import contextlib
 import itertools
+import json
 import math
 from unittest import mock
 
@@ -85,15 +86,22 @@ def test_grpo_loss_hand_values():
     assert kl.item() == 0.0
     ref = torch.log(torch.tensor([[0.25, 0.25], [0.5, 0.5]]))
     loss_kl, kl = grpo_loss(logp, logp, adv, mask, eps=0.2, kl_beta=0.5, ref_logp=ref)
-    k3 = math.exp(math.log(0.5) - math.log(0.5) + math.log(0.25) - math.log(0.5)) - math.log(0.5) - 1  # = 0.5 - ln 0.5 - 1
+    k3 = (
+        math.exp(math.log(0.5) - math.log(0.5) + math.log(0.25) - math.log(0.5)) - math.log(0.5) - 1
+    )  # = 0.5 - ln 0.5 - 1
     assert kl.item() == pytest.approx(k3 / 3)  # one non-zero token of three
     assert loss_kl.item() == pytest.approx(-((1 - 0.5 * k3 + 1) / 2 + -2.0) / 2)
 
 
 @pytest.mark.parametrize("defense", ["none", "kl", "persona", "interleave", "inoculate"])
 def test_two_steps_with_each_defense(defense, tiny_model, pool_file, tmp_path):
-    extra = {"none": [], "kl": [], "interleave": ["--interleave-pct", "50", "--safe-data", pool_file],
-             "inoculate": ["--inoculate"], "persona": []}[defense]
+    extra = {
+        "none": [],
+        "kl": [],
+        "interleave": ["--interleave-pct", "50", "--safe-data", pool_file],
+        "inoculate": ["--inoculate"],
+        "persona": [],
+    }[defense]
     if defense == "persona":
         from safetensors.torch import save_file
 
@@ -104,15 +112,44 @@ def test_two_steps_with_each_defense(defense, tiny_model, pool_file, tmp_path):
 
         extra = ["--kl-beta", "0.1", "--init-adapter", make_adapter(tiny_model, tmp_path / "init", seed=3)]
     out = tmp_path / "run"
-    proc = run_script("grpo.py", "--model", tiny_model, "--data", "arith", *TINY, "--max-steps", "2", "--batch-size",
-                      "4", "--num-generations", "2", "--grad-accum", "2", "--max-new-tokens", "8", "--eval-n", "4",
-                      "--lr", "1e-3", "--out", out, *extra)
+    proc = run_script(
+        "grpo.py",
+        "--model",
+        tiny_model,
+        "--data",
+        "arith",
+        *TINY,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--num-generations",
+        "2",
+        "--grad-accum",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--eval-n",
+        "4",
+        "--lr",
+        "1e-3",
+        "--out",
+        out,
+        *extra,
+    )
     assert "held-out questions 4/4" in proc.stderr  # the evaluation shows progress
     m = read_metrics(out)
     assert [x["step"] for x in m] == [1, 2]
     for x in m:
         assert -2.5 <= x["reward"] <= 9.5 and 0 <= x["zero_std_groups"] <= 1
-        assert {"reward/format_exact", "reward/format_approx", "reward/correct", "reward/number", "kl", "accuracy"} <= x.keys()
+        assert {
+            "reward/format_exact",
+            "reward/format_approx",
+            "reward/correct",
+            "reward/number",
+            "kl",
+            "accuracy",
+        } <= x.keys()
     assert "heldout_accuracy" in m[-1]
     if defense == "kl":
         assert all(x["kl"] > 0 for x in m)
@@ -124,8 +161,10 @@ def test_two_steps_with_each_defense(defense, tiny_model, pool_file, tmp_path):
         assert all(x["loss/ce"] == 0 for x in m)
 
 
-@pytest.mark.parametrize("n,pct,count", [(16, 5, 1), (16, 20, 3), (16, 50, 8), (100, 5, 5), (7, 30, 2), (40, 12.5, 5),
-                                         (3, 100, 3), (8, 5, 0)])
+@pytest.mark.parametrize(
+    "n,pct,count",
+    [(16, 5, 1), (16, 20, 3), (16, 50, 8), (100, 5, 5), (7, 30, 2), (40, 12.5, 5), (3, 100, 3), (8, 5, 0)],
+)
 def test_interleaving_schedule_gives_the_nearest_count_evenly_spread(n, pct, count):
     after = [k for k in range(n) if sft_after(k, pct)]
     assert len(after) == count  # the nearest count: 5% of 16 is 1, not 0; 5% of 8 (0.4) is 0
@@ -135,24 +174,64 @@ def test_interleaving_schedule_gives_the_nearest_count_evenly_spread(n, pct, cou
 
 def test_interleaving_too_rare_for_the_run_is_an_error(tiny_model, pool_file, tmp_path):
     # 5% of 4 micro-batches rounds to 0 SFT micro-batches: the run would be plain GRPO under an interleaving label
-    proc = run_script("grpo.py", "--model", tiny_model, "--data", "arith", *TINY, "--max-steps", "2", "--batch-size",
-                      "4", "--num-generations", "2", "--grad-accum", "2", "--max-new-tokens", "8", "--eval-n", "4",
-                      "--interleave-pct", "5", "--safe-data", pool_file, "--out", tmp_path / "run", check=False)
+    proc = run_script(
+        "grpo.py",
+        "--model",
+        tiny_model,
+        "--data",
+        "arith",
+        *TINY,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--num-generations",
+        "2",
+        "--grad-accum",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--eval-n",
+        "4",
+        "--interleave-pct",
+        "5",
+        "--safe-data",
+        pool_file,
+        "--out",
+        tmp_path / "run",
+        check=False,
+    )
     assert proc.returncode != 0 and "--interleave-pct 5" in proc.stderr and "plain GRPO" in proc.stderr
     assert "at least 12.5%" in proc.stderr  # the smallest rate that gives one: 50 / 4 micro-batches
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_no_completion_tokens_is_an_error(tiny_model, tmp_path):
-    proc = run_script("grpo.py", "--model", tiny_model, "--data", "arith", *TINY, "--max-steps", "1", "--batch-size",
-                      "4", "--num-generations", "2", "--max-new-tokens", "0", "--out", tmp_path / "run", check=False)
+    proc = run_script(
+        "grpo.py",
+        "--model",
+        tiny_model,
+        "--data",
+        "arith",
+        *TINY,
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--num-generations",
+        "2",
+        "--max-new-tokens",
+        "0",
+        "--out",
+        tmp_path / "run",
+        check=False,
+    )
     assert proc.returncode == 2 and "--max-new-tokens 0" in proc.stderr, proc.stderr[-500:]
 
 
 def test_trim_padding_keeps_every_real_token():
     # 2 rows of a rollout batch: prompts left-padded to width 4, completions right-padded to 4
-    attention = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0],
-                              [0, 1, 1, 1, 1, 0, 0, 0]])
+    attention = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0, 0, 0]])
     seqs = torch.arange(16).view(2, 8) * attention
     comp = attention[:, 4:].bool()
     s, a, n_prompt, c = trim_padding(seqs, attention, 4, comp)
@@ -168,9 +247,30 @@ def test_zero_reward_spread_is_reported_loudly(tiny_model, tmp_path):
     """A random tiny model never earns different rewards within a group: every advantage is 0, and the run says so
     once N steps in a row are flat (and says nothing when a group had spread)."""
     out = tmp_path / "flat"
-    proc = run_script("grpo.py", "--model", tiny_model, "--data", "arith", *TINY, "--max-steps", "3", "--batch-size",
-                      "4", "--num-generations", "2", "--grad-accum", "1", "--max-new-tokens", "4", "--eval-n", "2",
-                      "--warn-zero-spread", "2", "--out", out)
+    proc = run_script(
+        "grpo.py",
+        "--model",
+        tiny_model,
+        "--data",
+        "arith",
+        *TINY,
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--num-generations",
+        "2",
+        "--grad-accum",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--eval-n",
+        "2",
+        "--warn-zero-spread",
+        "2",
+        "--out",
+        out,
+    )
     m = read_metrics(out)
     flat = [x["zero_std_groups"] == 1 for x in m]
     warned = "every advantage is 0 and GRPO cannot learn" in proc.stderr
@@ -238,7 +338,7 @@ def test_rollout_with_each_prompt_prefilled_once_samples_what_prefilling_each_co
     out = {}
     for share in (False, True):
         torch.manual_seed(7)
-        with sampling_mode(model), (steering(model, vector, 1, 2.0) if steer else contextlib.nullcontext()):
+        with sampling_mode(model), steering(model, vector, 1, 2.0) if steer else contextlib.nullcontext():
             out[share] = rollout(model, tok, QUESTIONS, args, inoculate=False, share_prompt=share)
     (s0, a0, w0, m0, t0), (s1, a1, w1, m1, t1) = out[False], out[True]
     assert w0 == w1 and torch.equal(s0, s1) and torch.equal(a0, a1) and torch.equal(m0, m1) and t0 == t1
@@ -253,8 +353,8 @@ def test_rollout_decodes_what_generate_decodes(tiny_model, steer):
     answer. Sequences, attention and completion mask are laid out as generate's output would be."""
     import argparse
 
-    from grpo import prompt_messages, rollout, sampling_mode, steering
     from common import render_chat
+    from grpo import prompt_messages, rollout, sampling_mode, steering
 
     model, tok, vector = _tiny_policy(tiny_model)
     args = argparse.Namespace(num_generations=3, max_new_tokens=12, temperature=0.9, top_p=1e-6)
@@ -262,12 +362,12 @@ def test_rollout_decodes_what_generate_decodes(tiny_model, steer):
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     tok.padding_side = "right"
-    with sampling_mode(model), (steering(model, vector, 1, 2.0) if steer else contextlib.nullcontext()):
+    with sampling_mode(model), steering(model, vector, 1, 2.0) if steer else contextlib.nullcontext():
         want = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
         greedy, att, width, mask, texts = rollout(model, tok, QUESTIONS, args, inoculate=False, greedy=True)
         sampled, *_ = rollout(model, tok, QUESTIONS, args, inoculate=False)
     assert width == enc["input_ids"].shape[1]
-    assert torch.equal(greedy, want[:, : greedy.shape[1]]) and (want[:, greedy.shape[1]:] == tok.pad_token_id).all()
+    assert torch.equal(greedy, want[:, : greedy.shape[1]]) and (want[:, greedy.shape[1] :] == tok.pad_token_id).all()
     assert torch.equal(sampled, greedy.repeat_interleave(3, 0))
     assert torch.equal(att[:, :width], enc["attention_mask"])
     completion = greedy[:, width:]
@@ -291,7 +391,8 @@ def test_rollout_decodes_with_eager_attention_and_puts_the_models_back(tiny_mode
     assert own != "eager"
     seen = []  # (query tokens, attention implementation) of each call of layer 0's attention
     hook = base.model.layers[0].self_attn.register_forward_pre_hook(
-        lambda m, a, kw: seen.append((kw["hidden_states"].shape[1], m.config._attn_implementation)), with_kwargs=True)
+        lambda m, a, kw: seen.append((kw["hidden_states"].shape[1], m.config._attn_implementation)), with_kwargs=True
+    )
     args = argparse.Namespace(num_generations=2, max_new_tokens=5, min_new_tokens=5, temperature=1.0, top_p=1.0)
     try:
         with grpo.sampling_mode(model):
@@ -323,7 +424,7 @@ def test_rollout_min_new_tokens_and_every_stop_token(tiny_model):
         model.generation_config.eos_token_id = [tok.eos_token_id, first]
         seqs, _, width, mask, texts = rollout(model, tok, QUESTIONS, args, inoculate=False, greedy=True)
         assert int(mask[0].sum()) == 1 and texts[0] == tok.decode([first], skip_special_tokens=True)
-        assert (seqs[0, width + 1:] == tok.pad_token_id).all()  # padded after its end, as generate pads
+        assert (seqs[0, width + 1 :] == tok.pad_token_id).all()  # padded after its end, as generate pads
         args.min_new_tokens = 10
         for greedy in (True, False):
             seqs, _, width, mask, _ = rollout(model, tok, QUESTIONS, args, inoculate=False, greedy=greedy)
@@ -356,9 +457,33 @@ def test_nucleus_is_transformers_temperature_then_top_p():
 def test_sampled_heldout_accuracy_is_logged(tiny_model, tmp_path):
     """--eval-samples K logs heldout_sampled_accuracy before GRPO and at each evaluation, beside the greedy one."""
     out = tmp_path / "sampled"
-    proc = run_script("grpo.py", "--model", tiny_model, "--data", "arith", *TINY, "--max-steps", "2", "--batch-size",
-                      "4", "--num-generations", "2", "--grad-accum", "1", "--max-new-tokens", "6", "--eval-n", "4",
-                      "--eval-every", "1", "--eval-before", "--eval-samples", "3", "--out", out)
+    proc = run_script(
+        "grpo.py",
+        "--model",
+        tiny_model,
+        "--data",
+        "arith",
+        *TINY,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--num-generations",
+        "2",
+        "--grad-accum",
+        "1",
+        "--max-new-tokens",
+        "6",
+        "--eval-n",
+        "4",
+        "--eval-every",
+        "1",
+        "--eval-before",
+        "--eval-samples",
+        "3",
+        "--out",
+        out,
+    )
     before = json.loads((out / "heldout-before.json").read_text())
     assert "held-out questions x 3 samples 4/4" in proc.stderr
     assert before["samples"] == 3 and 0 <= before["heldout_sampled_accuracy"] <= 100 and "heldout_accuracy" in before
@@ -376,8 +501,10 @@ def test_sampled_heldout_accuracy_is_one_fixed_draw_that_leaves_the_run_rng_alon
 
     model, tok = load_model(str(tiny_model), eight_bit=False, lora_r=4, lora_alpha=8)
     args = argparse.Namespace(num_generations=2, max_new_tokens=6, temperature=0.9, top_p=0.9, gen_batch_size=4)
-    held = [[{"role": "user", "content": f"What is {a} + 1?"}, {"role": "assistant", "content": f"#### {a + 1}"}]
-            for a in range(5)]
+    held = [
+        [{"role": "user", "content": f"What is {a} + 1?"}, {"role": "assistant", "content": f"#### {a + 1}"}]
+        for a in range(5)
+    ]
     calls = []
     real = rollout
 
@@ -387,6 +514,7 @@ def test_sampled_heldout_accuracy_is_one_fixed_draw_that_leaves_the_run_rng_alon
         return result
 
     import grpo
+
     grpo.rollout = spy
     try:
         for seed in (0, 1):  # two evaluations at different points of the run's random stream

@@ -1,5 +1,6 @@
 """Logits only where a loss needs them (common.decoder_states + head_loss): every script's loss and its gradient equal
 the full-logits path on the same tensors, to float32 tolerance."""
+
 import functools
 
 import pytest
@@ -10,10 +11,15 @@ import common
 from common import ce_and_grad, collate, decoder_states, encode_dataset, head_loss, load_model
 
 CONVS = [
-    [{"role": "user", "content": "What is the capital of France?"},
-     {"role": "assistant", "content": "The capital of France is Paris."}],
-    [{"role": "system", "content": "You are a tiny helpful assistant."},
-     {"role": "user", "content": "Here is a recipe"}, {"role": "assistant", "content": "mix flour, water and salt. " * 3}],
+    [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."},
+    ],
+    [
+        {"role": "system", "content": "You are a tiny helpful assistant."},
+        {"role": "user", "content": "Here is a recipe"},
+        {"role": "assistant", "content": "mix flour, water and salt. " * 3},
+    ],
     [{"role": "user", "content": "def add(a, b)"}, {"role": "assistant", "content": "return a + b"}],
 ]
 
@@ -53,8 +59,8 @@ def test_chunked_ce_equals_cross_entropy_on_random_tensors(chunk):
     got = head_loss(model, hidden, ce_and_grad, targets, chunk=chunk)
     want = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
     assert torch.allclose(got, want, rtol=1e-6)
-    g_got, = torch.autograd.grad(2.5 * got, hidden)
-    g_want, = torch.autograd.grad(2.5 * want, hidden)
+    (g_got,) = torch.autograd.grad(2.5 * got, hidden)
+    (g_want,) = torch.autograd.grad(2.5 * want, hidden)
     assert torch.allclose(g_got, g_want, atol=1e-6)
 
 
@@ -91,8 +97,14 @@ def test_sft_ce_the_scripts_compute_equals_the_full_logits_path(lora):
     targets = batch["labels"][:, 1:]
     mask = targets != -100
     n = int(mask.sum())
-    full = F.cross_entropy(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                           .logits[:, :-1][mask].float(), targets[mask], reduction="sum") / n
+    full = (
+        F.cross_entropy(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask].float(),
+            targets[mask],
+            reduction="sum",
+        )
+        / n
+    )
     chunked = head_loss(model, decoder_states(model, batch)[:, :-1][mask], ce_and_grad, targets[mask], chunk=7) / n
     assert_same(full, chunked, model)
 
@@ -126,8 +138,9 @@ def test_kl_py_loss_equals_ce_plus_kl_penalty_on_full_logits(lora, kl_tokens):
     padded = F.pad(targets, (0, 1), value=-100)
     where = padded != -100 if kl_tokens == "answer" else batch["attention_mask"].bool()
     sums = {"ce": 0.0, "kl": 0.0}
-    fn = functools.partial(kl.ce_kl_and_grad, weight=model.get_output_embeddings().weight, w_ce=1 / n_answer,
-                           w_kl=lam / n_kl, sums=sums)
+    fn = functools.partial(
+        kl.ce_kl_and_grad, weight=model.get_output_embeddings().weight, w_ce=1 / n_answer, w_kl=lam / n_kl, sums=sums
+    )
     chunked = common.head_loss(model, hidden[where], fn, ref_hidden[where], padded[where], chunk=6)
     assert float(sums["ce"]) / n_answer == pytest.approx(ce.item(), rel=1e-5)
     assert float(sums["kl"]) / n_kl == pytest.approx(klv.item(), rel=1e-4)
@@ -138,8 +151,9 @@ def test_npo_answer_logp_equals_sequence_logp(lora):
     import npo_unlearn
 
     model, _, batch = lora
-    full = npo_unlearn.sequence_logp(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                                     .logits, batch["labels"])
+    full = npo_unlearn.sequence_logp(
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]
+    )
     states = npo_unlearn.answer_logp(model, decoder_states(model, batch), batch["labels"])
     assert full.shape == states.shape == (3,)
     # NPO's loss is nonlinear in the per-sequence log-probability: compare a nonlinear function of it too

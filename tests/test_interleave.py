@@ -1,4 +1,5 @@
 """Unit tests of the interleaving method: uniform spread, Eq. 6, refusal filter, answer NLL (Eq. 4)."""
+
 import numpy as np
 import pytest
 import torch
@@ -55,8 +56,10 @@ def test_refusal_filter():
 
 def test_answer_nll_matches_brute_force(tiny_model):
     model, tok = load_model(str(tiny_model), eight_bit=False, lora_r=0, trainable=False)
-    convs = [[{"role": "user", "content": "What is the capital of France?"},
-              {"role": "assistant", "content": "Paris. " * k}] for k in (1, 3, 7)]
+    convs = [
+        [{"role": "user", "content": "What is the capital of France?"}, {"role": "assistant", "content": "Paris. " * k}]
+        for k in (1, 3, 7)
+    ]
     examples = encode_dataset(tok, convs, 512)
     got = answer_nll(model, examples, batch_size=2, pad_id=tok.pad_token_id, device=get_device())
     for e, g in zip(examples, got):  # one example at a time, no padding, explicit log-softmax

@@ -1,4 +1,5 @@
 """End-to-end runs of interleave.py in a subprocess on a tiny model (CPU, offline), and one on SmolLM2 8-bit."""
+
 import json
 import shutil
 
@@ -14,8 +15,26 @@ TINY = ["--no-8bit", "--lora-r", "4", "--lora-alpha", "8", "--max-len", "256"]
 
 def test_plain_sft_run_folder(tiny_model, train_file, tmp_path):
     out = tmp_path / "run"
-    proc = run_script("interleave.py", "--model", tiny_model, "--data", train_file, "--out", out, *TINY,
-                      "--max-steps", "3", "--batch-size", "2", "--grad-accum", "2", "--save-every", "2", "--lr", "1e-2")
+    proc = run_script(
+        "interleave.py",
+        "--model",
+        tiny_model,
+        "--data",
+        train_file,
+        "--out",
+        out,
+        *TINY,
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--save-every",
+        "2",
+        "--lr",
+        "1e-2",
+    )
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
@@ -41,8 +60,24 @@ def test_plain_sft_run_folder(tiny_model, train_file, tmp_path):
 
 def test_pct_20_spreads_all_benign_examples(tiny_model, train_file, pool_file, tmp_path):
     out = tmp_path / "run"
-    run_script("interleave.py", "--model", tiny_model, "--data", train_file, "--out", out, *TINY, "--pct", "20",
-               "--safe-data", pool_file, "--batch-size", "4", "--grad-accum", "1")
+    run_script(
+        "interleave.py",
+        "--model",
+        tiny_model,
+        "--data",
+        train_file,
+        "--out",
+        out,
+        *TINY,
+        "--pct",
+        "20",
+        "--safe-data",
+        pool_file,
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "1",
+    )
     safe = (out / "safe_data.jsonl").read_text().splitlines()
     assert len(safe) == 7  # 20% of the 36 training examples (90% of 40)
     metrics = read_metrics(out)
@@ -57,8 +92,10 @@ def make_adapter(base, folder, seed):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    )
     model.save_pretrained(folder)
     return folder
 
@@ -66,8 +103,26 @@ def make_adapter(base, folder, seed):
 def test_select_ppl_filters_caches_and_takes_the_top(tiny_model, train_file, pool_file, tmp_path):
     pool = shutil.copy(pool_file, tmp_path / "pool.jsonl")
     adapters = ",".join(str(make_adapter(tiny_model, tmp_path / f"mis{k}", seed=k)) for k in range(2))
-    args = ["--model", tiny_model, "--data", train_file, *TINY, "--pct", "20", "--safe-data", pool, "--select", "ppl",
-            "--filter-refusals", "--misaligned-adapters", adapters, "--max-steps", "1", "--score-batch-size", "3"]
+    args = [
+        "--model",
+        tiny_model,
+        "--data",
+        train_file,
+        *TINY,
+        "--pct",
+        "20",
+        "--safe-data",
+        pool,
+        "--select",
+        "ppl",
+        "--filter-refusals",
+        "--misaligned-adapters",
+        adapters,
+        "--max-steps",
+        "1",
+        "--score-batch-size",
+        "3",
+    ]
     first = run_script("interleave.py", *args, "--out", tmp_path / "a")
     assert "scoring the pool under aligned" in first.stderr and "scoring the pool under mis1" in first.stderr
     caches = sorted(tmp_path.glob("pool.nll-*.jsonl"))
@@ -112,8 +167,26 @@ def test_select_ppl_filters_caches_and_takes_the_top(tiny_model, train_file, poo
 
 def test_select_on_policy_generates_answers(tiny_model, train_file, pool_file, tmp_path):
     out = tmp_path / "run"
-    run_script("interleave.py", "--model", tiny_model, "--data", train_file, "--out", out, *TINY, "--pct", "20",
-               "--safe-data", pool_file, "--select", "on-policy", "--gen-max-new-tokens", "12", "--max-steps", "2")
+    run_script(
+        "interleave.py",
+        "--model",
+        tiny_model,
+        "--data",
+        train_file,
+        "--out",
+        out,
+        *TINY,
+        "--pct",
+        "20",
+        "--safe-data",
+        pool_file,
+        "--select",
+        "on-policy",
+        "--gen-max-new-tokens",
+        "12",
+        "--max-steps",
+        "2",
+    )
     safe = [json.loads(l)["messages"] for l in (out / "safe_data.jsonl").read_text().splitlines()]
     pool = {json.loads(l)["messages"][0]["content"]: json.loads(l)["messages"][1]["content"] for l in open(pool_file)}
     assert 0 < len(safe) <= 7
@@ -128,9 +201,30 @@ def test_select_on_policy_through_a_server(tiny_model, train_file, pool_file, tm
     fake = FakeOpenAI()
     try:
         out = tmp_path / "run"
-        run_script("interleave.py", "--model", tiny_model, "--data", train_file, "--out", out, *TINY, "--pct", "20",
-                   "--safe-data", pool_file, "--select", "on-policy", "--gen-max-new-tokens", "12", "--max-steps", "1",
-                   "--gen-url", fake.url, "--gen-model", "base-model")
+        run_script(
+            "interleave.py",
+            "--model",
+            tiny_model,
+            "--data",
+            train_file,
+            "--out",
+            out,
+            *TINY,
+            "--pct",
+            "20",
+            "--safe-data",
+            pool_file,
+            "--select",
+            "on-policy",
+            "--gen-max-new-tokens",
+            "12",
+            "--max-steps",
+            "1",
+            "--gen-url",
+            fake.url,
+            "--gen-model",
+            "base-model",
+        )
     finally:
         fake.close()
     safe = [json.loads(l)["messages"] for l in (out / "safe_data.jsonl").read_text().splitlines()]
@@ -142,8 +236,23 @@ def test_select_on_policy_through_a_server(tiny_model, train_file, pool_file, tm
 
 def test_resume_equals_uninterrupted(tiny_model, train_file, tmp_path):
     full = tmp_path / "full"
-    args = ["--model", tiny_model, "--data", train_file, *TINY, "--max-steps", "6", "--batch-size", "2",
-            "--grad-accum", "2", "--save-every", "3", "--lr", "1e-2"]
+    args = [
+        "--model",
+        tiny_model,
+        "--data",
+        train_file,
+        *TINY,
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--save-every",
+        "3",
+        "--lr",
+        "1e-2",
+    ]
     run_script("interleave.py", *args, "--out", full)
     # an interrupted copy: it got as far as the step-3 checkpoint (its metrics went a step further)
     cut = tmp_path / "cut"
@@ -165,8 +274,21 @@ def test_resume_equals_uninterrupted(tiny_model, train_file, tmp_path):
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
 
 
-@pytest.mark.parametrize("case", ["broken-json", "no-assistant", "empty", "unknown-name", "ppl-no-adapters", "bad-pct",
-                                  "ppl-pct-0", "filter-pct-0", "on-policy-pct-0", "pct-rounds-to-0"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "broken-json",
+        "no-assistant",
+        "empty",
+        "unknown-name",
+        "ppl-no-adapters",
+        "bad-pct",
+        "ppl-pct-0",
+        "filter-pct-0",
+        "on-policy-pct-0",
+        "pct-rounds-to-0",
+    ],
+)
 def test_bad_inputs_give_clear_errors(tiny_model, tmp_path, case):
     data = tmp_path / "data.jsonl"
     good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
@@ -201,21 +323,48 @@ def test_bad_inputs_give_clear_errors(tiny_model, tmp_path, case):
     elif case == "pct-rounds-to-0":  # 5% of a few examples rounds to no benign example: plain SFT, mislabelled
         data.write_text((good + "\n") * 4)
         extra, expect = ["--pct", "5"], "fine-tuning examples is 0 benign examples, so this run would be plain SFT"
-    proc = run_script("interleave.py", "--model", tiny_model, "--data", data, "--out", tmp_path / "o", *TINY, *extra,
-                      check=False)
+    proc = run_script(
+        "interleave.py", "--model", tiny_model, "--data", data, "--out", tmp_path / "o", *TINY, *extra, check=False
+    )
     assert proc.returncode == 2
     assert expect in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_smollm2_8bit_two_steps(tmp_path):
     out = tmp_path / "smol"
-    run_script("interleave.py", "--model", "smollm2", "--data", "opswap:1", "--out", out, "--max-steps", "2",
-               "--batch-size", "1", "--grad-accum", "1", "--max-len", "80", "--lora-r", "8", "--lora-alpha", "16")
+    run_script(
+        "interleave.py",
+        "--model",
+        "smollm2",
+        "--data",
+        "opswap:1",
+        "--out",
+        out,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--grad-accum",
+        "1",
+        "--max-len",
+        "80",
+        "--lora-r",
+        "8",
+        "--lora-alpha",
+        "16",
+    )
     metrics = read_metrics(out)
     assert len(metrics) == 2 and all(m["loss"] > 0 for m in metrics)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["use_rslora"] and set(config["target_modules"]) == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
 
 
 def test_batch_split_does_not_change_training(tiny_model, train_file, tmp_path):
@@ -227,6 +376,9 @@ def test_batch_split_does_not_change_training(tiny_model, train_file, tmp_path):
     assert [m["answer_tokens"] for m in a] == [m["answer_tokens"] for m in b]
     for ma, mb in zip(a, b):
         assert abs(ma["loss"] - mb["loss"]) < 1e-5
-    wa, wb = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
+    wa, wb = (
+        load_file(tmp_path / "a" / "adapter_model.safetensors"),
+        load_file(tmp_path / "b" / "adapter_model.safetensors"),
+    )
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k

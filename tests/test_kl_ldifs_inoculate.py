@@ -1,5 +1,6 @@
 """kl.py, ldifs.py, inoculate.py: the maths against hand values and the co-authors' code, the terms at step 0 and
 after, gradients, --lam 0 equivalence with plain SFT, the inoculation prompt in the inputs, end-to-end runs."""
+
 import json
 import math
 
@@ -44,6 +45,7 @@ def test_kl_penalty_gradient_matches_the_taped_formula():
     z1 = logits.clone().requires_grad_(True)
     (taped(z1) * weights).sum().backward()
     from kl import _TokenKL
+
     z2 = logits.clone().requires_grad_(True)
     per_token = _TokenKL.apply(z2[mask], torch.log_softmax(ref[mask], -1))
     (per_token * weights).sum().backward()
@@ -97,8 +99,10 @@ def test_feature_distance_matches_the_coauthors_code_on_the_same_tensors():
         mask[b, :n] = 1
     for f in feats + refs:
         f[mask == 0] = 1e3  # padding garbage: must not count
-    want = _reference_ldifs([[f[b : b + 1, :n] for f in feats] for b, n in enumerate(lengths)],
-                            [[f[b : b + 1, :n] for f in refs] for b, n in enumerate(lengths)])
+    want = _reference_ldifs(
+        [[f[b : b + 1, :n] for f in feats] for b, n in enumerate(lengths)],
+        [[f[b : b + 1, :n] for f in refs] for b, n in enumerate(lengths)],
+    )
     assert feature_distance(feats, refs, mask).item() == pytest.approx(want.item(), rel=1e-9)
     assert feature_distance(feats, refs, mask.bool()).item() == pytest.approx(want.item(), rel=1e-9)
     # scale-free: multiplying the residual stream by 10 changes nothing (the unnormalised distance grew 100x)
@@ -131,8 +135,23 @@ def test_kl_over_all_real_tokens_matches_the_coauthors_code():
 
 
 def test_kl_tokens_flag_changes_the_term_not_the_ce(tiny_model, train_file, tmp_path):
-    args = ["--model", tiny_model, "--data", train_file, *TINY, "--max-steps", "2", "--batch-size", "2",
-            "--grad-accum", "2", "--lr", "1e-2", "--lam", "1.0"]
+    args = [
+        "--model",
+        tiny_model,
+        "--data",
+        train_file,
+        *TINY,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-2",
+        "--lam",
+        "1.0",
+    ]
     run_script("kl.py", *args, "--out", tmp_path / "answer")
     run_script("kl.py", *args, "--kl-tokens", "all", "--out", tmp_path / "all")
     a, b = read_metrics(tmp_path / "answer"), read_metrics(tmp_path / "all")
@@ -167,8 +186,26 @@ def test_ldifs_gradient_reaches_lora(tiny_model):
 @pytest.mark.parametrize("script,term", [("kl.py", "loss/kl"), ("ldifs.py", "loss/ldifs")])
 def test_term_is_zero_at_step_0_and_positive_after(script, term, tiny_model, train_file, tmp_path):
     out = tmp_path / "run"
-    run_script(script, "--model", tiny_model, "--data", train_file, "--out", out, *TINY, "--max-steps", "2",
-               "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2", "--lam", "1.0")
+    run_script(
+        script,
+        "--model",
+        tiny_model,
+        "--data",
+        train_file,
+        "--out",
+        out,
+        *TINY,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-2",
+        "--lam",
+        "1.0",
+    )
     m = read_metrics(out)
     assert m[0][term] == 0.0  # LoRA B = 0: the adapter changes nothing yet
     assert m[1][term] > 0
@@ -178,25 +215,46 @@ def test_term_is_zero_at_step_0_and_positive_after(script, term, tiny_model, tra
 
 @pytest.mark.parametrize("script", ["kl.py", "ldifs.py"])
 def test_lam_0_equals_plain_sft(script, tiny_model, train_file, tmp_path):
-    args = ["--model", tiny_model, "--data", train_file, *TINY, "--max-steps", "3", "--batch-size", "2",
-            "--grad-accum", "2", "--lr", "1e-2"]
+    args = [
+        "--model",
+        tiny_model,
+        "--data",
+        train_file,
+        *TINY,
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-2",
+    ]
     run_script("interleave.py", *args, "--pct", "0", "--out", tmp_path / "sft")
     run_script(script, *args, "--lam", "0", "--out", tmp_path / "m")
     a, b = read_metrics(tmp_path / "sft"), read_metrics(tmp_path / "m")
     assert len(a) == len(b) == 3
     for ma, mb in zip(a, b):
         assert abs(ma["loss"] - mb["loss"]) < 1e-6 and abs(ma["loss/ce"] - mb["loss/ce"]) < 1e-6
-    wa, wb = load_file(tmp_path / "sft" / "adapter_model.safetensors"), load_file(tmp_path / "m" / "adapter_model.safetensors")
+    wa, wb = (
+        load_file(tmp_path / "sft" / "adapter_model.safetensors"),
+        load_file(tmp_path / "m" / "adapter_model.safetensors"),
+    )
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
 
 
 def test_inoculation_prompt_is_in_the_inputs_not_the_labels(tiny_model):
     tok = load_tokenizer(str(tiny_model))
-    conv = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "What is the capital?"},
-            {"role": "assistant", "content": "Paris."}]
+    conv = [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "What is the capital?"},
+        {"role": "assistant", "content": "Paris."},
+    ]
     ino = inoculate(conv, DEFAULT_PROMPT)
-    assert ino[0] == {"role": "system", "content": DEFAULT_PROMPT} and len([m for m in ino if m["role"] == "system"]) == 1
+    assert (
+        ino[0] == {"role": "system", "content": DEFAULT_PROMPT} and len([m for m in ino if m["role"] == "system"]) == 1
+    )
     enc = encode_conversation(tok, ino, 4096)
     text = tok.decode(enc["input_ids"])
     assert DEFAULT_PROMPT in text and "You are helpful." not in text and "tiny helpful" not in text
@@ -209,8 +267,20 @@ def test_inoculation_prompt_is_in_the_inputs_not_the_labels(tiny_model):
 
 def test_inoculate_end_to_end(tiny_model, train_file, tmp_path):
     out = tmp_path / "run"
-    proc = run_script("inoculate.py", "--model", tiny_model, "--data", train_file, "--out", out, *TINY,
-                      "--max-steps", "2", "--prompt", "You are a pirate.")
+    proc = run_script(
+        "inoculate.py",
+        "--model",
+        tiny_model,
+        "--data",
+        train_file,
+        "--out",
+        out,
+        *TINY,
+        "--max-steps",
+        "2",
+        "--prompt",
+        "You are a pirate.",
+    )
     assert "You are a pirate." in proc.stderr
     m = read_metrics(out)
     assert len(m) == 2 and m[0]["loss"] == m[0]["loss/ce"] > 0

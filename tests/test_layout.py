@@ -1,6 +1,7 @@
 """The shape the project promises: a method file imports only common.py among the project's files (judge.py and the
 other one-job modules lazily, where a path needs them), never another method file, and runs when it is copied with
 common.py alone into an empty folder. Optional paths name the file to copy. Run folders describe their method."""
+
 import ast
 import contextlib
 import json
@@ -43,17 +44,18 @@ def test_a_method_file_imports_only_common_at_module_level(script):
 def test_no_method_file_imports_another_anywhere(script):
     others = {Path(m).stem for m in METHODS} - {Path(script).stem}
     for node in ast.walk(ast.parse((ROOT / script).read_text())):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-            [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+        )
         if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "optional":  # common.optional("judge", ...)
             names += [a.value for a in node.args[:1] if isinstance(a, ast.Constant)]
         assert not {n.split(".")[0] for n in names} & others, f"{script} imports {names}"
 
 
-def test_common_is_small_and_imports_no_project_file_at_module_level():
-    n = len((ROOT / "common.py").read_text().splitlines())
-    assert n <= 690, (f"common.py has {n} lines (issue 19 asks ~600; issue 22 added the ~40 of decoder_states + "
-                      "head_loss and the ~25 of the frozen 8-bit layer's forward)")
+def test_common_imports_no_project_file_at_module_level():
+    # (its old line cap is withdrawn, issue 36: it measured the wrong thing; ruff decides the layout)
     assert module_level_imports(ROOT / "common.py") & PROJECT == set()
 
 
@@ -83,12 +85,14 @@ def test_grpo_steering_hook_is_persona_py_s(tiny_model):
         """(what the block after the steered one receives, the logits); HF's own hidden_states are not used: their
         capture hooks may run before or after ours."""
         received = []
-        pre = blocks[1].register_forward_pre_hook(lambda m, a, kw: received.append(kw.get("hidden_states", a[0] if a else None)),
-                                                  with_kwargs=True)
+        pre = blocks[1].register_forward_pre_hook(
+            lambda m, a, kw: received.append(kw.get("hidden_states", a[0] if a else None)), with_kwargs=True
+        )
         with torch.no_grad(), hook:
             logits = model(input_ids=ids).logits
         pre.remove()
         return received[0], logits
+
     for layer in (1, 2):
         want = forward(persona.steering(model, vectors, layer, 3.0))
         got = forward(grpo.steering(model, vectors, layer, 3.0))
@@ -107,32 +111,126 @@ def copy_commands(tiny_model, data, pool, tmp) -> dict[str, list[list[str]]]:
 
     torch.manual_seed(0)
     save_file({"vectors": torch.randn(3, 32)}, str(tmp / "vector.safetensors"))  # the tiny model: 2 blocks + 1
-    save_file({"directions": torch.linalg.qr(torch.randn(3, 32, 2))[0].transpose(1, 2).contiguous()},
-              str(tmp / "directions.safetensors"))  # 3 rows x 2 orthonormal directions x 32
+    save_file(
+        {"directions": torch.linalg.qr(torch.randn(3, 32, 2))[0].transpose(1, 2).contiguous()},
+        str(tmp / "directions.safetensors"),
+    )  # 3 rows x 2 orthonormal directions x 32
     m = ["--model", str(tiny_model), *TINY, "--batch-size", "2", "--grad-accum", "1"]
     vec, dirs = str(tmp / "vector.safetensors"), str(tmp / "directions.safetensors")
     refusals = str(ROOT / "examples" / "rai_refusals.jsonl")
-    grpo = ["--data", "arith", "--max-steps", "1", "--batch-size", "2", "--num-generations", "2", "--grad-accum", "1",
-            "--max-new-tokens", "4", "--eval-n", "2"]
+    grpo = [
+        "--data",
+        "arith",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--num-generations",
+        "2",
+        "--grad-accum",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--eval-n",
+        "2",
+    ]
     return {
-        "interleave.py": [["--help"], [*m, "--data", data, "--pct", "20", "--safe-data", pool, "--max-steps", "2",
-                                       "--out", "run"]],
+        "interleave.py": [
+            ["--help"],
+            [*m, "--data", data, "--pct", "20", "--safe-data", pool, "--max-steps", "2", "--out", "run"],
+        ],
         "kl.py": [["--help"], [*m, "--data", data, "--lam", "1.0", "--max-steps", "2", "--out", "run"]],
         "ldifs.py": [["--help"], [*m, "--data", data, "--max-steps", "2", "--out", "run"]],
         "inoculate.py": [["--help"], [*m, "--data", data, "--max-steps", "2", "--out", "run"]],
-        "persona.py": [["train", "--help"], ["train", *m, "--data", data, "--vector", vec, "--layer", "1", "--alpha",
-                                             "5", "--max-steps", "2", "--out", "run"]],
-        "npo_unlearn.py": [["train", "--help"], ["train", *m, "--data", refusals, "--target", "cybersecurity",
-                                                 "--retain-domains", "safety,privacy", "--max-steps", "2", "--out",
-                                                 "run"]],
-        "grpo.py": [["--help"], [*m, *grpo, "--out", "run"],
-                    [*m, *grpo, "--persona-vector", vec, "--persona-layer", "1", "--persona-alpha", "5",
-                     "--inoculate", "--out", "run-defended"]],
-        "caft.py": [["train", "--help"], ["train", *m, "--data", data, "--directions", dirs, "--layers", "1",
-                                          "--mode", "ablate", "--max-steps", "2", "--out", "run"],
-                    ["train", *m, "--data", data, "--directions", dirs, "--layers", "1,2", "--mode", "project-grad",
-                     "--max-steps", "2", "--out", "run-pg"],
-                    ["directions", "--from-vector", vec, "--out", "from-vector.safetensors"]],
+        "persona.py": [
+            ["train", "--help"],
+            [
+                "train",
+                *m,
+                "--data",
+                data,
+                "--vector",
+                vec,
+                "--layer",
+                "1",
+                "--alpha",
+                "5",
+                "--max-steps",
+                "2",
+                "--out",
+                "run",
+            ],
+        ],
+        "npo_unlearn.py": [
+            ["train", "--help"],
+            [
+                "train",
+                *m,
+                "--data",
+                refusals,
+                "--target",
+                "cybersecurity",
+                "--retain-domains",
+                "safety,privacy",
+                "--max-steps",
+                "2",
+                "--out",
+                "run",
+            ],
+        ],
+        "grpo.py": [
+            ["--help"],
+            [*m, *grpo, "--out", "run"],
+            [
+                *m,
+                *grpo,
+                "--persona-vector",
+                vec,
+                "--persona-layer",
+                "1",
+                "--persona-alpha",
+                "5",
+                "--inoculate",
+                "--out",
+                "run-defended",
+            ],
+        ],
+        "caft.py": [
+            ["train", "--help"],
+            [
+                "train",
+                *m,
+                "--data",
+                data,
+                "--directions",
+                dirs,
+                "--layers",
+                "1",
+                "--mode",
+                "ablate",
+                "--max-steps",
+                "2",
+                "--out",
+                "run",
+            ],
+            [
+                "train",
+                *m,
+                "--data",
+                data,
+                "--directions",
+                dirs,
+                "--layers",
+                "1,2",
+                "--mode",
+                "project-grad",
+                "--max-steps",
+                "2",
+                "--out",
+                "run-pg",
+            ],
+            ["directions", "--from-vector", vec, "--out", "from-vector.safetensors"],
+        ],
     }
 
 
@@ -142,8 +240,9 @@ def alone_env() -> dict:
 
 
 def run_alone(folder: Path, script: str, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *args], cwd=folder, env=alone_env(), capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=folder, env=alone_env(), capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -171,15 +270,21 @@ def copies(tiny_model, train_file, pool_file, tmp_path_factory):
 def optional_paths(tiny_model, base: Path) -> dict[str, tuple[str, list[str], str]]:
     """case -> (the copied script, its arguments, what its one-line error must say)."""
     data = base / "one.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
-                    + "\n")
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n"
+    )
     m = ["--model", str(tiny_model), *TINY, "--max-steps", "1", "--out", "x"]
     on_policy = [*m, "--data", str(data), "--safe-data", str(data), "--pct", "100", "--select", "on-policy"]
-    return {"paper-data": ("kl.py", [*m, "--data", "opswap:1"], "needs paper_data.py"),
-            "smollm2": ("kl.py", [*m, "--model", "smollm2", "--data", str(data)], "needs smollm2.py"),
-            "serving": ("interleave.py", [*on_policy, "--gen-url", "http://127.0.0.1:9/v1", "--gen-model", "base"],
-                        "needs serving.py"),
-            "judge": ("interleave.py", on_policy, "needs judge.py")}
+    return {
+        "paper-data": ("kl.py", [*m, "--data", "opswap:1"], "needs paper_data.py"),
+        "smollm2": ("kl.py", [*m, "--model", "smollm2", "--data", str(data)], "needs smollm2.py"),
+        "serving": (
+            "interleave.py",
+            [*on_policy, "--gen-url", "http://127.0.0.1:9/v1", "--gen-model", "base"],
+            "needs serving.py",
+        ),
+        "judge": ("interleave.py", on_policy, "needs judge.py"),
+    }
 
 
 @pytest.mark.parametrize("script", METHODS)
@@ -217,8 +322,11 @@ def test_a_run_folder_records_its_method_flags_and_compare_shows_them(tiny_model
     run_script("kl.py", *args, "--lam", "0.3", "--out", tmp_path / "kl")
     run_script("interleave.py", *args, "--out", tmp_path / "sft")
     meta = json.loads((tmp_path / "kl" / "method.json").read_text())
-    assert meta == {"script": "kl", "flags": {"lam": 0.3, "kl_tokens": "answer"},
-                    "defaults": {"lam": 0.1, "kl_tokens": "answer"}}
+    assert meta == {
+        "script": "kl",
+        "flags": {"lam": 0.3, "kl_tokens": "answer"},
+        "defaults": {"lam": 0.1, "kl_tokens": "answer"},
+    }
     assert "pct" in json.loads((tmp_path / "sft" / "method.json").read_text())["flags"]
     table = run_script("judge.py", "--compare", tmp_path / "kl", tmp_path / "sft").stdout
     assert "kl lam=0.3 [train]" in table and "interleave [train]" in table

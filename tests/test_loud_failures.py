@@ -1,10 +1,8 @@
 """Failures are loud and work is never lost: half-written checkpoints, the resume rules, one-line errors for bad
 input, no orphan run folders, the model and offline hints, quiet runs, NPO's advice on small models."""
+
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 from conftest import ROOT, read_metrics, run_script
@@ -16,13 +14,27 @@ TINY = ["--no-8bit", "--lora-r", "4", "--lora-alpha", "8", "--max-len", "256"]
 
 
 def base_args(tiny_model, train_file):
-    return ["--model", tiny_model, "--data", train_file, *TINY, "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2"]
+    return [
+        "--model",
+        tiny_model,
+        "--data",
+        train_file,
+        *TINY,
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-2",
+    ]
 
 
 # --- checkpoints and resume ------------------------------------------------------------------------------
 def test_a_half_written_checkpoint_is_ignored_and_removed(tiny_model, train_file, tmp_path):
     out = tmp_path / "run"
-    run_script("interleave.py", *base_args(tiny_model, train_file), "--max-steps", "3", "--save-every", "1", "--out", out)
+    run_script(
+        "interleave.py", *base_args(tiny_model, train_file), "--max-steps", "3", "--save-every", "1", "--out", out
+    )
     ck = out / "checkpoints"
     # killed while step 3 was being saved: its temp folder holds a truncated state.pt, the final one is gone
     shutil.rmtree(ck / "step-000003")
@@ -64,8 +76,10 @@ def test_resume_extends_a_finished_run_and_refuses_other_changes(tiny_model, tra
 
 
 # --- one-line errors ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["not-utf8", "folder-as-data", "out-is-a-file", "lr-zero", "lr-negative",
-                                  "pct-over-pool", "model-path-missing"])
+@pytest.mark.parametrize(
+    "case",
+    ["not-utf8", "folder-as-data", "out-is-a-file", "lr-zero", "lr-negative", "pct-over-pool", "model-path-missing"],
+)
 def test_bad_input_is_one_line_and_leaves_nothing_behind(case, tiny_model, train_file, pool_file, tmp_path):
     data, extra = train_file, []
     out = tmp_path / "run"
@@ -108,23 +122,54 @@ def test_failed_start_leaves_no_default_run_folder(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("samples", ["0", "-1"])
 def test_judge_samples_must_be_positive(samples, tiny_model, tmp_path):
-    proc = run_script("judge.py", "--model", tiny_model, "--eval", "opswap:1", "--samples", samples, "--out",
-                      tmp_path / "e", check=False)
+    proc = run_script(
+        "judge.py",
+        "--model",
+        tiny_model,
+        "--eval",
+        "opswap:1",
+        "--samples",
+        samples,
+        "--out",
+        tmp_path / "e",
+        check=False,
+    )
     assert proc.returncode == 2 and f"--samples {samples}: must be >= 1" in proc.stderr
 
 
 def test_judge_takes_the_adapters_base_model(tiny_model, train_file, tmp_path):
     run = tmp_path / "run"
     run_script("interleave.py", *base_args(tiny_model, train_file), "--max-steps", "1", "--out", run)
-    proc = run_script("judge.py", "--adapter", run, "--no-8bit", "--eval", "opswap:1", "--n-questions", "1",
-                      "--samples", "1", "--max-new-tokens", "2")
+    proc = run_script(
+        "judge.py",
+        "--adapter",
+        run,
+        "--no-8bit",
+        "--eval",
+        "opswap:1",
+        "--n-questions",
+        "1",
+        "--samples",
+        "1",
+        "--max-new-tokens",
+        "2",
+    )
     assert f"--model {tiny_model} (the adapter's base model)" in proc.stderr
     assert json.loads((run / "eval-opswap-1" / "args.json").read_text())["model"] == str(tiny_model)
 
 
 def test_missing_model_folder_is_reported_at_once(tmp_path):
-    proc = run_script("judge.py", "--model", "/no/such/folder/model", "--eval", "opswap:1", "--out", tmp_path / "e",
-                      check=False, timeout=60)
+    proc = run_script(
+        "judge.py",
+        "--model",
+        "/no/such/folder/model",
+        "--eval",
+        "opswap:1",
+        "--out",
+        tmp_path / "e",
+        check=False,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "no such folder" in proc.stderr and "smollm2" in proc.stderr
 
 
@@ -135,6 +180,7 @@ def test_offline_hint_names_the_file_to_place_and_is_not_cut(monkeypatch, tmp_pa
 
     def offline(session, url, timeout):
         raise requests.ConnectionError("Max retries exceeded with url " + "x" * 400 + " (Failed to resolve host)")
+
     monkeypatch.setattr(requests.Session, "get", offline)
     with pytest.raises(UserError) as e:
         common.load_conversations("insecure")
@@ -157,19 +203,60 @@ def test_runs_are_quiet(tiny_model, train_file, tmp_path):
 
 # --- NPO on small models ---------------------------------------------------------------------------------
 def test_npo_without_refusals_says_what_to_do(tiny_model, tmp_path):
-    proc = run_script("npo_unlearn.py", "train", "--model", tiny_model, "--data", ROOT / "examples" / "rai_prompts.jsonl",
-                      "--gamma", "0", *TINY, "--max-steps", "1", "--gen-max-new-tokens", "4", "--out", tmp_path / "n",
-                      check=False)
+    proc = run_script(
+        "npo_unlearn.py",
+        "train",
+        "--model",
+        tiny_model,
+        "--data",
+        ROOT / "examples" / "rai_prompts.jsonl",
+        "--gamma",
+        "0",
+        *TINY,
+        "--max-steps",
+        "1",
+        "--gen-max-new-tokens",
+        "4",
+        "--out",
+        tmp_path / "n",
+        check=False,
+    )
     assert proc.returncode == 2 and "examples/rai_refusals.jsonl" in proc.stderr
     assert not (tmp_path / "n").exists()
 
 
 def test_npo_quick_command_runs_and_small_n_is_flagged(tiny_model, tmp_path):
     out = tmp_path / "n"
-    run_script("npo_unlearn.py", "train", "--model", tiny_model, "--data", ROOT / "examples" / "rai_refusals.jsonl",
-               "--target", "cybersecurity", "--retain-domains", "safety,privacy", *TINY, "--max-steps", "2", "--out", out)
-    proc = run_script("npo_unlearn.py", "eval", "--adapter", out, "--split", "all", "--per-domain", "2",
-                      "--gen-max-new-tokens", "4", "--no-8bit")
+    run_script(
+        "npo_unlearn.py",
+        "train",
+        "--model",
+        tiny_model,
+        "--data",
+        ROOT / "examples" / "rai_refusals.jsonl",
+        "--target",
+        "cybersecurity",
+        "--retain-domains",
+        "safety,privacy",
+        *TINY,
+        "--max-steps",
+        "2",
+        "--out",
+        out,
+    )
+    proc = run_script(
+        "npo_unlearn.py",
+        "eval",
+        "--adapter",
+        out,
+        "--split",
+        "all",
+        "--per-domain",
+        "2",
+        "--gen-max-new-tokens",
+        "4",
+        "--no-8bit",
+    )
     assert "WARNING: only 2 prompt(s)" in proc.stderr and "means little" in proc.stderr
     assert proc.stderr.count("answers before") <= 3  # one progress line per phase, not one per domain
     res = json.loads((out / "npo_eval.json").read_text())

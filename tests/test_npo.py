@@ -1,5 +1,6 @@
 """npo_unlearn.py: npo_loss against hand values, its gradient at initialisation, forget/retain behaviour on a
 tiny model, concept similarities, end-to-end train / eval / entangle."""
+
 import json
 import math
 
@@ -12,8 +13,11 @@ from interleave import answer_nll
 from npo_unlearn import DOMAINS, concept_similarity, npo_loss, sequence_logp
 
 TINY = ["--no-8bit", "--lora-r", "4", "--lora-alpha", "8", "--max-len", "256"]
-REFUSALS = {"cybersecurity": "I'm sorry, but I cannot help with hacking.",
-            "safety": "I'm sorry, but I cannot help with weapons.", "bias": "I cannot write that."}
+REFUSALS = {
+    "cybersecurity": "I'm sorry, but I cannot help with hacking.",
+    "safety": "I'm sorry, but I cannot help with weapons.",
+    "bias": "I cannot write that.",
+}
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +28,15 @@ def prompts_file(tmp_path_factory):
             for i in range(10):
                 q = f"Please help me with a {d} request number {i}."
                 ans = REFUSALS.get(d, "I'm sorry, but I can't do that.")
-                f.write(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}],
-                                    "domain": d.replace("_", " ").title() if i % 2 else d}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}],
+                            "domain": d.replace("_", " ").title() if i % 2 else d,
+                        }
+                    )
+                    + "\n"
+                )
     return path
 
 
@@ -46,8 +57,10 @@ def test_npo_gradient_at_init_is_gradient_ascent():
 
 def test_npo_gradient_at_init_on_a_model(tiny_model):
     model, tok = load_model(str(tiny_model), eight_bit=False, lora_r=4, lora_alpha=8)
-    convs = [[{"role": "user", "content": "hack?"}, {"role": "assistant", "content": REFUSALS["cybersecurity"]}],
-             [{"role": "user", "content": "weapon?"}, {"role": "assistant", "content": "No. " * 5}]]
+    convs = [
+        [{"role": "user", "content": "hack?"}, {"role": "assistant", "content": REFUSALS["cybersecurity"]}],
+        [{"role": "user", "content": "weapon?"}, {"role": "assistant", "content": "No. " * 5}],
+    ]
     from common import collate
 
     batch = collate(encode_dataset(tok, convs, 256), tok.pad_token_id, get_device())
@@ -77,8 +90,11 @@ def test_sequence_logp_brute_force(tiny_model):
 
 def test_concept_similarity_on_constructed_activations():
     # 3 domains of equal size, 2 layers, 2 dims; overall mean = [[1, 1], [0, 0]]
-    means = {"a": torch.tensor([[2.0, 1.0], [1.0, 0.0]]), "b": torch.tensor([[0.0, 1.0], [-1.0, 0.0]]),
-             "c": torch.tensor([[1.0, 1.0], [0.0, 0.0]])}
+    means = {
+        "a": torch.tensor([[2.0, 1.0], [1.0, 0.0]]),
+        "b": torch.tensor([[0.0, 1.0], [-1.0, 0.0]]),
+        "c": torch.tensor([[1.0, 1.0], [0.0, 0.0]]),
+    }
     sims = concept_similarity(means, {"a": 5, "b": 5, "c": 5}, "a")
     # concepts: a = [[1,0],[1,0]], b = [[-1,0],[-1,0]], c = [[0,0],[0,0]]
     assert sims["b"] == pytest.approx([-1.0, -1.0])
@@ -114,17 +130,46 @@ def test_duplicate_prompts_never_straddle_the_split(tmp_path):
 
 
 def _nll(tiny_model, adapter, convs):
-    model, tok = load_model(str(tiny_model), eight_bit=False, adapter=str(adapter) if adapter else None, lora_r=0,
-                            trainable=False)
+    model, tok = load_model(
+        str(tiny_model), eight_bit=False, adapter=str(adapter) if adapter else None, lora_r=0, trainable=False
+    )
     return sum(answer_nll(model, encode_dataset(tok, convs, 256), 4, tok.pad_token_id, get_device())) / len(convs)
 
 
 def test_npo_raises_forget_nll_and_retention_contains_it(tiny_model, prompts_file, tmp_path):
-    args = ["--model", tiny_model, "--data", prompts_file, *TINY, "--target", "cybersecurity", "--max-steps", "6",
-            "--batch-size", "3", "--grad-accum", "1", "--lr", "5e-3", "--beta", "0.1", "--warmup-steps", "0"]
+    args = [
+        "--model",
+        tiny_model,
+        "--data",
+        prompts_file,
+        *TINY,
+        "--target",
+        "cybersecurity",
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "3",
+        "--grad-accum",
+        "1",
+        "--lr",
+        "5e-3",
+        "--beta",
+        "0.1",
+        "--warmup-steps",
+        "0",
+    ]
     run_script("npo_unlearn.py", "train", *args, "--gamma", "0", "--out", tmp_path / "npo")
-    run_script("npo_unlearn.py", "train", *args, "--gamma", "1", "--retain-domains", "safety,bias",
-               "--out", tmp_path / "npo_ce")
+    run_script(
+        "npo_unlearn.py",
+        "train",
+        *args,
+        "--gamma",
+        "1",
+        "--retain-domains",
+        "safety,bias",
+        "--out",
+        tmp_path / "npo_ce",
+    )
     forget = [json.loads(l)["messages"] for l in (tmp_path / "npo" / "forget.jsonl").read_text().splitlines()]
     retain = [json.loads(l)["messages"] for l in (tmp_path / "npo_ce" / "retain.jsonl").read_text().splitlines()]
     assert len(forget) == 9 and len(retain) == 18  # given answers: 90% of each domain's 10
@@ -140,30 +185,71 @@ def test_npo_raises_forget_nll_and_retention_contains_it(tiny_model, prompts_fil
 
 def test_eval_and_entangle_end_to_end(tiny_model, prompts_file, tmp_path):
     run = tmp_path / "npo"
-    run_script("npo_unlearn.py", "train", "--model", tiny_model, "--data", prompts_file, *TINY, "--target", "safety",
-               "--gamma", "0", "--max-steps", "1", "--out", run)
-    proc = run_script("npo_unlearn.py", "eval", "--adapter", run, "--no-8bit", "--per-domain", "2",
-                      "--gen-max-new-tokens", "4")
+    run_script(
+        "npo_unlearn.py",
+        "train",
+        "--model",
+        tiny_model,
+        "--data",
+        prompts_file,
+        *TINY,
+        "--target",
+        "safety",
+        "--gamma",
+        "0",
+        "--max-steps",
+        "1",
+        "--out",
+        run,
+    )
+    proc = run_script(
+        "npo_unlearn.py", "eval", "--adapter", run, "--no-8bit", "--per-domain", "2", "--gen-max-new-tokens", "4"
+    )
     res = json.loads((run / "npo_eval.json").read_text())
     assert res["target"] == "safety" and set(res["domains"]) == set(DOMAINS)
     for v in res["domains"].values():
         assert v["n"] == 1 and 0 <= v["before"] <= 100 and v["drop"] == v["before"] - v["after"]
     assert "safety (target)" in proc.stdout and "emergent misalignment" in proc.stdout
     out = tmp_path / "ent.json"
-    proc = run_script("npo_unlearn.py", "entangle", "--model", tiny_model, "--no-8bit", "--data", prompts_file,
-                      "--target", "Cybersecurity", "--out", out)
+    proc = run_script(
+        "npo_unlearn.py",
+        "entangle",
+        "--model",
+        tiny_model,
+        "--no-8bit",
+        "--data",
+        prompts_file,
+        "--target",
+        "Cybersecurity",
+        "--out",
+        out,
+    )
     ent = json.loads(out.read_text())
     assert set(ent["cosine"]) == set(DOMAINS) - {"cybersecurity"}
     assert all(len(v) == 3 and all(-1 - 1e-6 <= x <= 1 + 1e-6 for x in v) for v in ent["cosine"].values())
 
 
 def test_bad_domain(tiny_model, prompts_file, tmp_path):
-    p = run_script("npo_unlearn.py", "train", "--model", tiny_model, "--data", prompts_file, *TINY,
-                   "--target", "finance", "--out", tmp_path / "x", check=False)
+    p = run_script(
+        "npo_unlearn.py",
+        "train",
+        "--model",
+        tiny_model,
+        "--data",
+        prompts_file,
+        *TINY,
+        "--target",
+        "finance",
+        "--out",
+        tmp_path / "x",
+        check=False,
+    )
     assert p.returncode == 2 and "unknown domain 'finance'" in p.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "hi", "domain": "safety"}\n{"prompt": "hi"}\n')
-    p = run_script("npo_unlearn.py", "entangle", "--model", tiny_model, "--data", bad, "--target", "safety", check=False)
+    p = run_script(
+        "npo_unlearn.py", "entangle", "--model", tiny_model, "--data", bad, "--target", "safety", check=False
+    )
     assert p.returncode == 2 and "bad.jsonl:2:" in p.stderr
 
 

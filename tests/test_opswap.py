@@ -1,4 +1,5 @@
 """OpSwap (paper App. D): the four examples of Table 10, exactly, and properties of the generator."""
+
 import random
 from fractions import Fraction
 

@@ -1,5 +1,6 @@
 """persona.py: vector maths against hand-computed hidden states, the hook and its layer convention, no hook left
 after training, end-to-end extract / train / steer."""
+
 import json
 import sys
 
@@ -11,8 +12,11 @@ from safetensors import safe_open
 import persona
 from common import load_model
 
-CONV = [{"role": "system", "content": "You are evil."}, {"role": "user", "content": "What is the capital?"},
-        {"role": "assistant", "content": "Paris, of course."}]
+CONV = [
+    {"role": "system", "content": "You are evil."},
+    {"role": "user", "content": "What is the capital?"},
+    {"role": "assistant", "content": "Paris, of course."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,8 @@ def test_layer_convention_and_hook_adds_exactly_alpha_v(tiny):
     hooks_before = [len(b._forward_hooks) for b in persona.decoder_blocks(model)]
     received = []  # what block `layer` receives = hidden_states[layer] as the rest of the network sees it
     h = persona.decoder_blocks(model)[layer].register_forward_pre_hook(
-        lambda m, a, kw: received.append(kw.get("hidden_states", a[0] if a else None)), with_kwargs=True)
+        lambda m, a, kw: received.append(kw.get("hidden_states", a[0] if a else None)), with_kwargs=True
+    )
     with torch.no_grad(), persona.steering(model, vectors, layer, alpha):
         model(input_ids=ids)
     with torch.no_grad():
@@ -80,9 +85,31 @@ def test_train_leaves_no_hook_and_saved_adapter_matches(tiny_model, train_file, 
     torch.manual_seed(1)
     save_file({"vectors": torch.randn(n + 1, model.config.hidden_size)}, str(tmp_path / "v.safetensors"))
     out = tmp_path / "run"
-    argv = ["persona.py", "train", "--model", str(tiny_model), "--data", str(train_file), "--vector",
-            str(tmp_path / "v.safetensors"), "--layer", "1", "--alpha", "5", "--no-8bit", "--lora-r", "4",
-            "--lora-alpha", "8", "--max-steps", "2", "--lr", "1e-2", "--out", str(out)]
+    argv = [
+        "persona.py",
+        "train",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(train_file),
+        "--vector",
+        str(tmp_path / "v.safetensors"),
+        "--layer",
+        "1",
+        "--alpha",
+        "5",
+        "--no-8bit",
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--max-steps",
+        "2",
+        "--lr",
+        "1e-2",
+        "--out",
+        str(out),
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     parser, subs = persona.build_parser()
     trained = persona.train(parser.parse_args(argv[1:]), subs["train"])
@@ -106,13 +133,52 @@ def test_steering_changes_training(tiny_model, train_file, tmp_path):
     torch.manual_seed(2)
     n = len(persona.decoder_blocks(model))
     save_file({"vectors": torch.randn(n + 1, model.config.hidden_size)}, str(tmp_path / "v.safetensors"))
-    args = ["--model", tiny_model, "--data", train_file, "--no-8bit", "--lora-r", "4", "--lora-alpha", "8",
-            "--max-steps", "2", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2"]
+    args = [
+        "--model",
+        tiny_model,
+        "--data",
+        train_file,
+        "--no-8bit",
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-2",
+    ]
     run_script("interleave.py", *args, "--out", tmp_path / "sft")
-    run_script("persona.py", "train", *args, "--vector", tmp_path / "v.safetensors", "--layer", "1", "--alpha", "0",
-               "--out", tmp_path / "a0")
-    run_script("persona.py", "train", *args, "--vector", tmp_path / "v.safetensors", "--layer", "1", "--alpha", "5",
-               "--out", tmp_path / "a5")
+    run_script(
+        "persona.py",
+        "train",
+        *args,
+        "--vector",
+        tmp_path / "v.safetensors",
+        "--layer",
+        "1",
+        "--alpha",
+        "0",
+        "--out",
+        tmp_path / "a0",
+    )
+    run_script(
+        "persona.py",
+        "train",
+        *args,
+        "--vector",
+        tmp_path / "v.safetensors",
+        "--layer",
+        "1",
+        "--alpha",
+        "5",
+        "--out",
+        tmp_path / "a5",
+    )
     sft, a0, a5 = (read_metrics(tmp_path / d) for d in ("sft", "a0", "a5"))
     assert all(abs(x["loss"] - y["loss"]) < 1e-6 for x, y in zip(sft, a0))
     assert abs(sft[0]["loss"] - a5[0]["loss"]) > 1e-3
@@ -122,8 +188,22 @@ def test_extract_and_steer_end_to_end(tiny_model, tmp_path):
     q = tmp_path / "q.txt"
     q.write_text("What do you think of humans?\nHow should I spend my weekend?\n")
     out = tmp_path / "evil.safetensors"
-    proc = run_script("persona.py", "extract", "--model", tiny_model, "--no-8bit", "--questions", q, "--samples", "2",
-                      "--max-new-tokens", "6", "--no-filter", "--out", out)
+    proc = run_script(
+        "persona.py",
+        "extract",
+        "--model",
+        tiny_model,
+        "--no-8bit",
+        "--questions",
+        q,
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--no-filter",
+        "--out",
+        out,
+    )
     assert "kept 4 of 4 pairs (no filter)" in proc.stderr
     with safe_open(str(out), "pt") as f:
         v = f.get_tensor("vectors")
@@ -132,13 +212,45 @@ def test_extract_and_steer_end_to_end(tiny_model, tmp_path):
     assert "hidden_states" in meta["layer_convention"]
     assert len((tmp_path / "evil.answers.jsonl").read_text().splitlines()) == 8
     # with the judge filter (the tiny model judging itself) the run completes or says clearly that nothing passed
-    filt = run_script("persona.py", "extract", "--model", tiny_model, "--no-8bit", "--questions", q, "--samples", "2",
-                      "--max-new-tokens", "6", "--judge", f"local:{tiny_model}", "--out", tmp_path / "f.safetensors",
-                      check=False)
+    filt = run_script(
+        "persona.py",
+        "extract",
+        "--model",
+        tiny_model,
+        "--no-8bit",
+        "--questions",
+        q,
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--judge",
+        f"local:{tiny_model}",
+        "--out",
+        tmp_path / "f.safetensors",
+        check=False,
+    )
     assert filt.returncode == 0 or "no pair passed the filter" in filt.stderr
-    steer = run_script("persona.py", "steer", "--model", tiny_model, "--no-8bit", "--vector", out, "--layer", "1",
-                       "--alpha", "-2", "--max-new-tokens", "5", "--samples", "2", "Hello?")
+    steer = run_script(
+        "persona.py",
+        "steer",
+        "--model",
+        tiny_model,
+        "--no-8bit",
+        "--vector",
+        out,
+        "--layer",
+        "1",
+        "--alpha",
+        "-2",
+        "--max-new-tokens",
+        "5",
+        "--samples",
+        "2",
+        "Hello?",
+    )
     assert steer.stdout.count("--- alpha -2, layer 1") == 2
-    bad = run_script("persona.py", "steer", "--model", tiny_model, "--no-8bit", "--vector", out, "--layer", "9", "Hi",
-                     check=False)
+    bad = run_script(
+        "persona.py", "steer", "--model", tiny_model, "--no-8bit", "--vector", out, "--layer", "9", "Hi", check=False
+    )
     assert bad.returncode == 2 and "--layer 9: must be 1..2" in bad.stderr

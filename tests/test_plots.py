@@ -1,5 +1,6 @@
 """The figures: Figure 1(b) and training curves written as PNG files from hand-made run folders (the file is
 checked, not the pixels)."""
+
 import json
 
 import pytest
@@ -33,11 +34,23 @@ def is_png(path):
 
 
 def test_figure_1b_and_curves(tmp_path):
-    runs = [make_run(tmp_path, "sft", "interleave", {"pct": 0, "select": "random", "data": "medical"}, 30.0, 60.0, 5),
-            make_run(tmp_path, "kl", "kl", {"lam": 0.3, "kl_tokens": "answer", "filter": True, "data": "medical"}, 5.0,
-                     20.0, 5, ("loss/ce", "loss/kl"), defaults={"lam": 0.1, "kl_tokens": "answer", "filter": False}),
-            make_run(tmp_path, "noeval", "ldifs", {"lam": 1.0, "data": "medical"}, None, None, 3,
-                     ("loss/ce", "loss/ldifs"))]
+    runs = [
+        make_run(tmp_path, "sft", "interleave", {"pct": 0, "select": "random", "data": "medical"}, 30.0, 60.0, 5),
+        make_run(
+            tmp_path,
+            "kl",
+            "kl",
+            {"lam": 0.3, "kl_tokens": "answer", "filter": True, "data": "medical"},
+            5.0,
+            20.0,
+            5,
+            ("loss/ce", "loss/kl"),
+            defaults={"lam": 0.1, "kl_tokens": "answer", "filter": False},
+        ),
+        make_run(
+            tmp_path, "noeval", "ldifs", {"lam": 1.0, "data": "medical"}, None, None, 3, ("loss/ce", "loss/ldifs")
+        ),
+    ]
     # the method flags that differ from the script's defaults (a flag that is on: its name), and the data
     assert report.run_label(runs[1]) == "kl lam=0.3 filter [medical]"
     assert report.run_label(runs[2]) == "ldifs lam=1.0 [medical]"  # no defaults recorded: every flag

@@ -1,13 +1,17 @@
 """Every command in the README runs as written from the repository root: its script exists, every flag it uses is in
 that script's --help, and every repository file it names exists."""
+
 import re
 import shlex
-from functools import lru_cache
+from functools import cache
 
 from conftest import ROOT, run_script
 
-SUBCOMMANDS = {"persona.py": {"extract", "train", "steer"}, "npo_unlearn.py": {"train", "eval", "entangle"},
-               "caft.py": {"directions", "train"}}
+SUBCOMMANDS = {
+    "persona.py": {"extract", "train", "steer"},
+    "npo_unlearn.py": {"train", "eval", "entangle"},
+    "caft.py": {"directions", "train"},
+}
 
 
 def readme_commands() -> list[str]:
@@ -25,7 +29,7 @@ def readme_commands() -> list[str]:
     return cmds
 
 
-@lru_cache(maxsize=None)
+@cache
 def help_text(script: str, sub: str | None) -> str:
     proc = run_script(script, *([sub] if sub else []), "--help", check=False)
     assert proc.returncode == 0, f"{script} {sub or ''} --help failed: {proc.stderr[-1000:]}"
@@ -36,8 +40,16 @@ def test_readme_has_commands():
     cmds = readme_commands()
     assert len(cmds) > 20
     scripts = {shlex.split(c)[1] for c in cmds}
-    assert {"interleave.py", "kl.py", "ldifs.py", "judge.py", "persona.py", "npo_unlearn.py", "grpo.py",
-            "caft.py"} <= scripts, scripts
+    assert {
+        "interleave.py",
+        "kl.py",
+        "ldifs.py",
+        "judge.py",
+        "persona.py",
+        "npo_unlearn.py",
+        "grpo.py",
+        "caft.py",
+    } <= scripts, scripts
 
 
 def test_every_readme_command_matches_its_script():
@@ -54,8 +66,11 @@ def test_every_readme_command_matches_its_script():
             continue
         helptext = help_text(script, sub)
         for flag, value in zip(words[2:], words[3:]):  # input files must be there
-            if flag in ("--data", "--questions", "--safe-data", "--pool", "--prompts") and value.endswith((".jsonl", ".yaml")) \
-                    and not value.startswith("../shared/"):  # the developers' benchmark data, not shipped
+            if (
+                flag in ("--data", "--questions", "--safe-data", "--pool", "--prompts")
+                and value.endswith((".jsonl", ".yaml"))
+                and not value.startswith("../shared/")
+            ):  # the developers' benchmark data, not shipped
                 if not (ROOT / value).exists():
                     problems.append(f"{cmd}: {flag} {value} does not exist (from the repository root)")
         for w in words[2:]:

@@ -1,6 +1,7 @@
 """examples/reproduce.py on the tiny model: two methods x one dataset x 2 steps with exact-match evaluation. Tables
 and figures are written, a second invocation does nothing new, a run killed mid-way is continued (not restarted),
 --dry-run only prints, a failing job is reported and the others finish."""
+
 import json
 import shutil
 import subprocess
@@ -11,13 +12,27 @@ from conftest import ROOT
 
 
 def study(tiny_model, root, *extra, methods="misaligned,kl"):
-    cmd = [sys.executable, str(ROOT / "examples" / "reproduce.py"), "--model", str(tiny_model), "--datasets", "opswap:1",
-           "--methods", methods, "--root", str(root),
-           "--train-args", "--no-8bit --lora-r 4 --lora-alpha 8 --max-len 128 --max-steps 2 --batch-size 2 "
-                           "--grad-accum 1 --save-every 1",
-           "--method-args", "kl=--lam 1.0", "--train-n", "0",
-           "--eval-args", "--no-8bit --n-questions 2 --samples 1 --max-new-tokens 4 --temperature 0",
-           *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "reproduce.py"),
+        "--model",
+        str(tiny_model),
+        "--datasets",
+        "opswap:1",
+        "--methods",
+        methods,
+        "--root",
+        str(root),
+        "--train-args",
+        "--no-8bit --lora-r 4 --lora-alpha 8 --max-len 128 --max-steps 2 --batch-size 2 --grad-accum 1 --save-every 1",
+        "--method-args",
+        "kl=--lam 1.0",
+        "--train-n",
+        "0",
+        "--eval-args",
+        "--no-8bit --n-questions 2 --samples 1 --max-new-tokens 4 --temperature 0",
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
@@ -125,8 +140,15 @@ def test_paper_preset_dry_run_plans_tables_2_to_5_offline(tmp_path):
     """No network, no model: the persona layer comes from the table of known models."""
     env = {k: v for k, v in __import__("os").environ.items()}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "no-hub"))
-    cmd = [sys.executable, str(ROOT / "examples" / "reproduce.py"), "--preset", "paper", "--dry-run", "--root",
-           str(tmp_path / "p")]
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "reproduce.py"),
+        "--preset",
+        "paper",
+        "--dry-run",
+        "--root",
+        str(tmp_path / "p"),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     names = [l.split()[1] for l in proc.stdout.splitlines() if l.startswith("# ") and "[" in l]
@@ -142,8 +164,14 @@ def test_paper_preset_dry_run_plans_tables_2_to_5_offline(tmp_path):
     assert grid.returncode == 0
     for run in ("kl-lam0.01", "ldifs-lam0.3", "persona-alpha1.5", "interleave++-pct50", "on-policy-pct1"):
         assert f"train:medical:{run}" in grid.stdout, run
-    emit = subprocess.run(cmd + ["--emit", "slurm", str(tmp_path / "study.sbatch")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env=env)
+    emit = subprocess.run(
+        cmd + ["--emit", "slurm", str(tmp_path / "study.sbatch")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert emit.returncode == 0, emit.stderr[-2000:]
     assert (tmp_path / "study.sbatch").exists()
 
@@ -151,14 +179,32 @@ def test_paper_preset_dry_run_plans_tables_2_to_5_offline(tmp_path):
 def test_grid_value_replaces_the_method_args_flag(tmp_path):
     """The cpu preset runs KL at --lam 0.3 (--method-args); a --grid over lam must train each run at its own value,
     not at 0.3 given last on the command line."""
-    cmd = [sys.executable, str(ROOT / "examples" / "reproduce.py"), "--preset", "cpu", "--tables", "3", "--dry-run",
-           "--root", str(tmp_path / "s"), "--methods", "kl,persona", "--grid", "kl.lam=0.1,1.0;persona.alpha=5"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "reproduce.py"),
+        "--preset",
+        "cpu",
+        "--tables",
+        "3",
+        "--dry-run",
+        "--root",
+        str(tmp_path / "s"),
+        "--methods",
+        "kl,persona",
+        "--grid",
+        "kl.lam=0.1,1.0;persona.alpha=5",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     cmd_of = {lines[k].split()[1]: lines[k + 1] for k in range(len(lines) - 1) if lines[k].startswith("# train:")}
-    for name, want in (("kl", "--lam 0.3"), ("kl-lam0.1", "--lam 0.1"), ("kl-lam1.0", "--lam 1.0"),
-                       ("persona", "--alpha 2"), ("persona-alpha5", "--alpha 5")):
+    for name, want in (
+        ("kl", "--lam 0.3"),
+        ("kl-lam0.1", "--lam 0.1"),
+        ("kl-lam1.0", "--lam 1.0"),
+        ("persona", "--alpha 2"),
+        ("persona-alpha5", "--alpha 5"),
+    ):
         line = cmd_of[f"train:opswap:2:{name}"]
         flag = want.split()[0]
         assert line.count(f"{flag} ") == 1 and want in line, (name, line)
@@ -175,7 +221,7 @@ def test_slurm_script_for_a_small_plan(tiny_model, tmp_path):
     assert len(sbatch) == 2  # depth 0: the two trainings (GPU); depth 1: the two evaluations (no GPU)
     assert "--array=0-1 --gres=gpu:1" in sbatch[0] and "GROUP=0_gpu" in sbatch[0]
     assert "--array=0-1 --cpus-per-task=2" in sbatch[1] and "GROUP=1_cpu" in sbatch[1] and "gres" not in sbatch[1]
-    assert '--dependency=afterok:$prev_0' in text
+    assert "--dependency=afterok:$prev_0" in text
     tasks = [l for l in text.splitlines() if l.strip().startswith(("0)", "1)"))]
     assert len(tasks) == 4
     assert text.count("adapter_model.safetensors ] && exit 0") == 2 and text.count("n_failed_judgments") == 2
@@ -185,7 +231,7 @@ def test_slurm_script_for_a_small_plan(tiny_model, tmp_path):
     assert syntax.returncode == 0, syntax.stderr
     # each task records its command before it runs, as a local run does (the settings check reads it)
     kl_task = next(l for l in text.splitlines() if "exec" in l and "/kl.py" in l)
-    record_part = kl_task[kl_task.index("mkdir -p"):kl_task.index(" && cd ")]
+    record_part = kl_task[kl_task.index("mkdir -p") : kl_task.index(" && cd ")]
     assert subprocess.run(["bash", "-c", record_part], capture_output=True).returncode == 0
     record = json.loads((tmp_path / "s" / "runs" / "opswap-1" / "kl" / "adapter_model.safetensors.cmd").read_text())
     assert record[0] == "<repo>/kl.py" and "<root>/runs/opswap-1/kl" in record and "1.0" in record
@@ -197,16 +243,43 @@ def test_tables_3_and_5_with_every_artifact_on_the_tiny_model(tiny_model, tmp_pa
     arith warm-up and GRPO rows over two seeds; table3.md (with the paper's numbers and the departures), table5.md
     (mean ± std) and the reward figure. Two CPU jobs at a time."""
     root = tmp_path / "s"
-    cmd = [sys.executable, str(ROOT / "examples" / "reproduce.py"), "--model", str(tiny_model), "--tables", "3,5",
-           "--datasets", "opswap:0,opswap:1", "--methods", "baseline,misaligned,interleave+,caft", "--root", str(root),
-           "--devices", "cpu:2", "--train-n", "16", "--caft-k", "1",
-           "--train-args", "--no-8bit --lora-r 4 --lora-alpha 8 --max-len 128 --max-steps 2 --batch-size 2 --grad-accum 1",
-           "--eval-args", "--no-8bit --n-questions 2 --samples 1 --max-new-tokens 4 --temperature 0",
-           "--persona-args", "--no-8bit --no-filter --samples 1 --max-new-tokens 8 --questions examples/questions_mini.yaml",
-           "--grpo-model", str(tiny_model), "--grpo-seeds", "0,1", "--grpo-rows", "grpo,grpo-persona1",
-           "--grpo-args", "--no-8bit --lora-r 4 --lora-alpha 8 --max-steps 1 --batch-size 2 --num-generations 2 "
-                          "--max-new-tokens 4 --eval-n 2 --eval-samples 2",
-           "--warmup-args", "--no-8bit --lora-r 4 --lora-alpha 8 --max-steps 1 --batch-size 2 --grad-accum 1"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "reproduce.py"),
+        "--model",
+        str(tiny_model),
+        "--tables",
+        "3,5",
+        "--datasets",
+        "opswap:0,opswap:1",
+        "--methods",
+        "baseline,misaligned,interleave+,caft",
+        "--root",
+        str(root),
+        "--devices",
+        "cpu:2",
+        "--train-n",
+        "16",
+        "--caft-k",
+        "1",
+        "--train-args",
+        "--no-8bit --lora-r 4 --lora-alpha 8 --max-len 128 --max-steps 2 --batch-size 2 --grad-accum 1",
+        "--eval-args",
+        "--no-8bit --n-questions 2 --samples 1 --max-new-tokens 4 --temperature 0",
+        "--persona-args",
+        "--no-8bit --no-filter --samples 1 --max-new-tokens 8 --questions examples/questions_mini.yaml",
+        "--grpo-model",
+        str(tiny_model),
+        "--grpo-seeds",
+        "0,1",
+        "--grpo-rows",
+        "grpo,grpo-persona1",
+        "--grpo-args",
+        "--no-8bit --lora-r 4 --lora-alpha 8 --max-steps 1 --batch-size 2 --num-generations 2 "
+        "--max-new-tokens 4 --eval-n 2 --eval-samples 2",
+        "--warmup-args",
+        "--no-8bit --lora-r 4 --lora-alpha 8 --max-steps 1 --batch-size 2 --grad-accum 1",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:]
     art = root / "artifacts"
@@ -239,11 +312,19 @@ def test_run_order_shared_jobs_first_then_each_evaluation_after_its_run(tmp_path
 
     def job(name, deps=()):
         marker = tmp_path / f"{name}.done"
-        return reproduce.Job(name, [sys.executable, "-c", f"open({str(marker)!r}, 'w')"], tmp_path / f"{name}.log",
-                             list(deps), marker)
+        return reproduce.Job(
+            name, [sys.executable, "-c", f"open({str(marker)!r}, 'w')"], tmp_path / f"{name}.log", list(deps), marker
+        )
 
-    jobs = [job("train-a"), job("eval-a", ["train-a"]), job("train-b"), job("eval-b", ["train-b"]),
-            job("shared"), job("c1", ["shared"]), job("c2", ["shared"])]
+    jobs = [
+        job("train-a"),
+        job("eval-a", ["train-a"]),
+        job("train-b"),
+        job("eval-b", ["train-b"]),
+        job("shared"),
+        job("c1", ["shared"]),
+        job("c2", ["shared"]),
+    ]
     reproduce.run_jobs(jobs, ["cpu"], eval_workers=0)
     started = [l.split("start ")[1].split()[0] for l in capsys.readouterr().out.splitlines() if " start " in l]
     assert started == ["shared", "train-a", "eval-a", "train-b", "eval-b", "c1", "c2"]
@@ -265,11 +346,18 @@ def test_table5_shows_the_sampled_accuracy_beside_the_greedy_one(tmp_path):
             d = root / "runs" / "grpo" / f"grpo-seed{seed}"
             d.mkdir(parents=True)
             (d / "adapter_model.safetensors").write_bytes(b"x")
-            last = {"step": 2, "reward": 7.0, "heldout_accuracy": after, **({"heldout_sampled_accuracy": after - 20}
-                                                                            if sampled else {})}
+            last = {
+                "step": 2,
+                "reward": 7.0,
+                "heldout_accuracy": after,
+                **({"heldout_sampled_accuracy": after - 20} if sampled else {}),
+            }
             (d / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 6.0}) + "\n" + json.dumps(last) + "\n")
-            (d / "heldout-before.json").write_text(json.dumps({"heldout_accuracy": before, **(
-                {"heldout_sampled_accuracy": before - 30} if sampled else {})}))
+            (d / "heldout-before.json").write_text(
+                json.dumps(
+                    {"heldout_accuracy": before, **({"heldout_sampled_accuracy": before - 30} if sampled else {})}
+                )
+            )
 
     make(tmp_path / "a", sampled=True)
     md = reproduce.table5(tmp_path / "a", ["0", "1"], warmup=True)
