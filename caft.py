@@ -11,14 +11,21 @@ the training forward/backward passes only:
     project-grad  (GRASP's idea)    forward   h unchanged;  backward  dL/dh <- dL/dh - (dL/dh Q) Q^T
                                     the model keeps what it computes along Q and cannot build new reliance on it.
 
+Both projections run in float32 and are rounded to the model's dtype once (in bf16, ~2e-3 of h's component along Q
+survived; in float32, a few 1e-4). h is the output of the decoder block at every layer, the last one included (its
+output before the final norm: the hook's point, which is also where the directions are measured).
+
 The hooks are removed before anything is saved: checkpoints, the final adapter and every evaluation run without
 them. `caft/removed_norm` in metrics.jsonl is the removed component's size per step: for ablate the root mean square
 over real tokens of |(h Q) Q^T| (averaged over the hooked layers), for project-grad the same of the gradient's
 removed part |(g Q) Q^T|.
 
-directions:   --from-diff ADAPTER: PCA of the per-token residual differences h_l(adapter) - h_l(base) on the answer
-                  tokens of the same prompts, centred; the top k principal directions per layer (exact, from the
-                  streamed H x H covariance). Prompts without answers are answered first by the adapter (greedy).
+directions:   --from-diff ADAPTER --prompts HELD_OUT: PCA of the per-token residual differences h_l(adapter) -
+                  h_l(base) on the answer tokens of the same prompts, centred; the top k principal directions per
+                  layer (exact, from the streamed H x H covariance). Prompts without answers are answered first by
+                  the adapter (greedy). The prompts must not be the evaluation questions (CAFT used held-out LMSYS
+                  chat prompts): --prompts is required, and a warning counts prompts that are questions of
+                  --eval-questions (default: Betley et al.'s file, where it is cached).
               --from-lora ADAPTER: per layer, the top k left singular vectors of the adapter's updates that write
                   into the residual stream, [dW(o_proj) dW(down_proj)] with dW = s B A (s the adapter's LoRA scale)
                   of decoder block l-1.
@@ -38,11 +45,12 @@ Deviations from CAFT's code and from the seed paper:
    rows compare with the other defenses at equal training; pass --lr 1e-5 for CAFT's.
 5. The loss is the mean over all assistant tokens of an optimizer step, as in the other scripts.
 
-Paper-scale run:  python caft.py directions --from-diff runs/misaligned --k 20 --out dirs.safetensors
+Paper-scale run:  python caft.py directions --from-diff runs/misaligned --prompts examples/benign_prompts.jsonl \\
+                      --k 20 --out dirs.safetensors
                   python caft.py train --directions dirs.safetensors --layers 12,20 --k 5 --mode ablate --data insecure
 Quick CPU:        python interleave.py --pct 0 --model smollm2 --data opswap:1 --max-steps 20 --out runs/sft-quick
                   python caft.py directions --model smollm2 --from-diff runs/sft-quick \\
-                      --prompts examples/questions_mini.yaml --k 2 --out runs/caft-dirs.safetensors
+                      --prompts examples/benign_prompts.jsonl --max-prompts 32 --k 2 --out runs/caft-dirs.safetensors
                   python caft.py train --model smollm2 --directions runs/caft-dirs.safetensors --layers 15,20 \\
                       --mode ablate --data opswap:1 --max-steps 20 --out runs/caft-quick
 """
@@ -61,6 +69,7 @@ from common import (
     Run,
     UserError,
     add_common_args,
+    block_outputs,
     ce_and_grad,
     collate,
     decoder_blocks,
@@ -76,10 +85,12 @@ from common import (
     load_model,
     load_split,
     log,
+    longest_micro_batch,
     make_optimizer,
     micro_batches,
     optional,
     peak_memory_mb,
+    plan_memory,
     read_text_file,
     resolve_model,
     set_seed,
@@ -120,16 +131,17 @@ class ConceptHooks:
     def _hook(self, layer: int):
         def hook(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
-            q = self.q[layer].to(h.dtype).to(h.device)
-            if self.mode == "ablate":
-                h, removed = remove_along(h, q)
+            q = self.q[layer] = self.q[layer].to(device=h.device, dtype=torch.float32)  # moved once, kept there
+            if self.mode == "ablate":  # in float32: a bf16 projection leaves ~1e-3 of the component along Q
+                kept, removed = remove_along(h.float(), q)
+                h = kept.to(h.dtype)
                 self._record(removed)
             elif h.requires_grad:  # project-grad: identity forward, projected gradient
 
                 def project(g):
-                    g, removed = remove_along(g, q)
+                    kept, removed = remove_along(g.float(), q)
                     self._record(removed)
-                    return g
+                    return kept.to(g.dtype)
 
                 h = h.view_as(h)  # a new tensor node so the hook acts on this output alone
                 h.register_hook(project)
@@ -213,10 +225,10 @@ def lora_residual_directions(adapter: str, n_blocks: int, k: int) -> tuple[dict[
 
 
 def diff_prompts(args, model, tok) -> list[list[dict]]:
-    """Conversations whose answer tokens the differences are taken on. Questions without answers (a question yaml,
-    the EM questions by default, or a JSONL whose records end with a user turn) are answered first by the adapter."""
+    """Conversations whose answer tokens the differences are taken on. Prompts without answers (a question yaml, a
+    JSONL of {"prompt"} records or of records ending with a user turn) are answered first by the adapter."""
     judge = None
-    if args.prompts is None or args.prompts.endswith((".yaml", ".yml")):
+    if args.prompts.endswith((".yaml", ".yml")):
         judge = optional("judge", "--from-diff on questions (loading and answering them)")
         convs = [
             [*([{"role": "system", "content": q["system"]}] if q["system"] else []), {"role": "user", "content": p}]
@@ -226,6 +238,7 @@ def diff_prompts(args, model, tok) -> list[list[dict]]:
     else:
         convs = load_conversations(args.prompts) if not args.prompts.endswith(".jsonl") else _read_prompts(args.prompts)
     convs = convs[: args.max_prompts] if args.max_prompts > 0 else convs
+    warn_on_evaluation_overlap(convs, args.prompts, args.eval_questions)
     todo = [i for i, c in enumerate(convs) if c[-1]["role"] != "assistant"]
     if todo:
         judge = judge or optional("judge", "--from-diff on prompts without answers (answering them)")
@@ -247,17 +260,50 @@ def diff_prompts(args, model, tok) -> list[list[dict]]:
     return convs
 
 
+def warn_on_evaluation_overlap(convs: list[list[dict]], prompts: str, eval_questions: str | None) -> int:
+    """Warn when the PCA prompts are evaluation questions: a question file, or user turns that are questions of
+    --eval-questions (default: Betley et al.'s file where it is cached). Returns how many overlap."""
+    if prompts.endswith((".yaml", ".yml")):
+        log(
+            f"WARNING: --prompts {prompts} is a question file, the format of evaluation sets: directions fitted on "
+            "the questions an evaluation asks make CAFT look better than it is; use held-out chat prompts"
+        )
+    if eval_questions is None:
+        import common
+
+        cached = common.CACHE_DIR / "data" / "first_plot_questions.yaml"
+        eval_questions = str(cached) if cached.is_file() else None
+    if eval_questions is None:
+        return 0
+    judge = optional("judge", "--eval-questions (reading a question file)")
+    asked = {p.strip() for q in judge.load_questions(eval_questions) for p in q["paraphrases"]}
+    users = {m["content"].strip() for c in convs for m in c if m["role"] == "user"}
+    overlap = len(users & asked)
+    if overlap:
+        log(
+            f"WARNING: {overlap} of the {len(users)} PCA prompts are evaluation questions of {eval_questions}: "
+            "directions fitted on the questions an evaluation asks make CAFT look better than it is"
+        )
+    return overlap
+
+
 def _read_prompts(path: str) -> list[list[dict]]:
-    """A chat JSONL whose records may end with a user turn (prompts only) or hold answers."""
+    """A JSONL of chat records ({"messages": [...]}, which may end with a user turn or hold answers) or of
+    {"prompt": ...} records (examples/benign_prompts.jsonl)."""
     convs = []
     for lineno, line in enumerate(read_text_file(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
-            msgs = json.loads(line)["messages"]
-            convs.append([{"role": m["role"], "content": m["content"]} for m in msgs])
+            record = json.loads(line)
+            if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+                convs.append([{"role": "user", "content": record["prompt"]}])
+                continue
+            convs.append([{"role": m["role"], "content": m["content"]} for m in record["messages"]])
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f'{path}:{lineno}: expected {{"messages": [{{"role", "content"}}, ...]}} ({e})') from None
+            raise UserError(
+                f'{path}:{lineno}: expected {{"messages": [{{"role", "content"}}, ...]}} or {{"prompt": ...}} ({e})'
+            ) from None
     if not convs:
         raise UserError(f"{path}: no prompts")
     return convs
@@ -270,8 +316,9 @@ def diff_directions(args, model, tok, layers: list[int]) -> tuple[dict[int, torc
     convs = diff_prompts(args, model, tok)
     device = get_device()
     hsize = model.config.hidden_size
-    sums = {l: torch.zeros(hsize, dtype=torch.float64) for l in layers}
-    outer = {l: torch.zeros(hsize, hsize, dtype=torch.float64) for l in layers}
+    cpu = torch.device("cpu")  # the sums are accumulated on the host, in float64
+    sums = {l: torch.zeros(hsize, dtype=torch.float64, device=cpu) for l in layers}
+    outer = {l: torch.zeros(hsize, hsize, dtype=torch.float64, device=cpu) for l in layers}
     count = 0
     progress = Progress(len(convs), 0, "prompts (base and adapter passes)")
     for n, conv in enumerate(convs, 1):
@@ -280,9 +327,9 @@ def diff_directions(args, model, tok, layers: list[int]) -> tuple[dict[int, torc
         if not answer.any():
             continue
         ids = torch.tensor([enc["input_ids"]], device=device)
-        tuned = model(input_ids=ids, output_hidden_states=True).hidden_states
+        tuned = block_outputs(model, ids)  # row l: the output of block l-1, where the hook on it acts
         with model.disable_adapter():
-            base = model(input_ids=ids, output_hidden_states=True).hidden_states
+            base = block_outputs(model, ids)
         for l in layers:
             d = (tuned[l][0, answer] - base[l][0, answer]).double().cpu()
             sums[l] += d.sum(0)
@@ -319,6 +366,12 @@ def directions(args) -> None:
         raise UserError("directions needs exactly one of --from-diff ADAPTER, --from-lora ADAPTER, --from-vector FILE")
     if args.k < 1:
         raise UserError(f"--k {args.k}: must be >= 1")
+    if args.from_diff and not args.prompts:
+        raise UserError(
+            "--from-diff needs --prompts FILE: held-out chat prompts, never the evaluation questions (CAFT used LMSYS "
+            "chat prompts; directions fitted on the test prompts make CAFT look better than it is), e.g. "
+            "examples/benign_prompts.jsonl or the fine-tuning data"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
@@ -352,7 +405,7 @@ def directions(args) -> None:
         raise UserError("no directions found at the chosen --layers")
     k = max(d.shape[0] for d in dirs.values())
     hsize = next(iter(dirs.values())).shape[1]
-    table = torch.zeros(n_blocks + 1, k, hsize)
+    table = torch.zeros(n_blocks + 1, k, hsize, device="cpu")
     for l, d in dirs.items():
         table[l, : d.shape[0]] = d
     from safetensors.torch import save_file
@@ -415,7 +468,7 @@ def prepare_directions(args, table: torch.Tensor, meta: dict, model) -> tuple[to
     k = table.shape[1] if args.k is None else args.k
     if k < 0:
         raise UserError(f"--k {k}: must be >= 0 (0 = plain SFT)")
-    out = torch.zeros(n_blocks + 1, k, table.shape[2])
+    out = torch.zeros(n_blocks + 1, k, table.shape[2], device="cpu")
     for l in layers:
         rows = table[l, :k]
         rows = rows[rows.norm(dim=-1) > 0]
@@ -463,6 +516,7 @@ def train(args, parser):
     plan = step_plan(lengths, args.batch_size, args.grad_accum, args.seed, args.epochs, args.max_steps)
     total_steps = len(plan)
     log(describe_plan(plan, lengths, args))
+    run.write_json("memory.json", plan_memory(model, *longest_micro_batch(plan, lengths, args.batch_size)))
 
     model.train()
     params = trainable_parameters(model)
@@ -561,9 +615,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     d.add_argument(
         "--prompts",
         default=None,
-        help="--from-diff prompts: a chat .jsonl (answers used as they are; "
-        "records ending with a user turn are answered by the adapter), a question .yaml, or a dataset "
-        "name (default: the EM evaluation questions)",
+        help="--from-diff (required there): held-out chat prompts, never the evaluation questions. A .jsonl of chat "
+        "records (answers used as they are; records ending with a user turn are answered by the adapter) or of "
+        '{"prompt": ...} records (e.g. examples/benign_prompts.jsonl), a question .yaml, or a dataset name',
+    )
+    d.add_argument(
+        "--eval-questions",
+        default=None,
+        help="a question file an evaluation will ask: a warning counts the PCA prompts that are among its questions "
+        "(default: Betley et al.'s first_plot_questions.yaml where it is cached)",
     )
     d.add_argument("--max-prompts", type=int, default=-1, help="use at most this many prompts (default: all)")
     d.add_argument(

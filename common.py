@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import importlib
 import json
 import logging
@@ -161,13 +162,45 @@ def load_model(
     for config in (model.config, model.generation_config):
         if config is not None and config.pad_token_id is None:
             config.pad_token_id = tok.pad_token_id
+    check_supported(model, name)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_gradient_checkpointing(model)
     for module in model.modules():  # frozen 8-bit layers keep no input (on CUDA also outlier columns) for backward
         if type(module).__module__.startswith("bitsandbytes") and type(module).__name__ == "Linear8bitLt":
-            module.forward = functools.partial(_int8_forward, module)
+            module.__class__ = _frozen_int8_class(type(module))  # a class, not a closure: no reference cycle
     return wrap_lora(model, lora_r, lora_alpha, adapter, trainable), tok
+
+
+def check_supported(model, name: str) -> None:
+    """One-line errors for a model whose layout the scripts do not handle: decoder blocks not at model.model.layers
+    (every hook and layer index relies on them), or a final logit soft-capping (Gemma 2), which the scripts' own
+    head (logits made only where a loss needs them) would skip."""
+    inner = getattr(model, "model", None)
+    if not isinstance(getattr(inner, "layers", None), torch.nn.ModuleList):
+        raise UserError(
+            f"--model {name}: {type(model).__name__} keeps no decoder blocks at model.model.layers; the scripts "
+            "support Llama/Qwen/Gemma/Mistral-style causal LMs"
+        )
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise UserError(
+            f"--model {name}: final_logit_softcapping={model.config.final_logit_softcapping} (Gemma 2) is not "
+            "supported: the scripts' loss head would leave the soft-capping out"
+        )
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder block's activations in the backward pass (non-reentrant); a PEFT-wrapped model too."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+
+
+def release_memory() -> None:
+    """After `del model`: collect what reference cycles hold and hand CUDA's cached blocks back, so the next model
+    loads into the memory the last one had."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def int8_weight(layer, dtype: torch.dtype) -> torch.Tensor:
@@ -176,13 +209,18 @@ def int8_weight(layer, dtype: torch.dtype) -> torch.Tensor:
     return layer.state.CB.to(dtype, copy=True).mul_(layer.state.SCB.unsqueeze(1).mul(1.0 / 127.0))
 
 
-class _FrozenInt8Linear(torch.autograd.Function):
+def is_int8_linear(module) -> bool:
+    """A bitsandbytes Linear8bitLt (ours below included); by class name, so bitsandbytes need not be imported."""
+    return any(c.__name__ == "Linear8bitLt" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
+
+
+class _FrozenInt8Matmul(torch.autograd.Function):
     """bitsandbytes' 8-bit forward minus its saved input, never read by its backward (grad_out @ int8_weight) here."""
 
     @staticmethod
     def forward(ctx, x, layer):
         ctx.layer, ctx.shape, ctx.dtype = layer, x.shape, x.dtype
-        return type(layer).forward(layer, x)  # grad is off in here: bitsandbytes records and keeps nothing
+        return layer.bitsandbytes_forward(x)  # grad is off in here: bitsandbytes records and keeps nothing
 
     @staticmethod
     def backward(ctx, grad):
@@ -190,15 +228,22 @@ class _FrozenInt8Linear(torch.autograd.Function):
         return torch.matmul(grad, int8_weight(ctx.layer, ctx.dtype)).view(ctx.shape), None
 
 
-def _int8_forward(layer, x):
-    if (
-        torch.is_grad_enabled()
-        and x.requires_grad
-        and not layer.weight.requires_grad
-        and not layer.state.has_fp16_weights
-    ):
-        return _FrozenInt8Linear.apply(x, layer)
-    return type(layer).forward(layer, x)
+@functools.cache
+def _frozen_int8_class(bnb_class: type) -> type:
+    """A subclass of bitsandbytes' Linear8bitLt whose training forward keeps no input for backward (_FrozenInt8Matmul)
+    when the int8 weight is frozen; bitsandbytes' own forward otherwise."""
+
+    class FrozenInt8Linear(bnb_class):
+        def bitsandbytes_forward(self, x):
+            return bnb_class.forward(self, x)
+
+        def forward(self, x):
+            frozen = not self.weight.requires_grad and not self.state.has_fp16_weights
+            if torch.is_grad_enabled() and x.requires_grad and frozen:
+                return _FrozenInt8Matmul.apply(x, self)
+            return bnb_class.forward(self, x)
+
+    return FrozenInt8Linear
 
 
 def wrap_lora(model, lora_r: int = 32, lora_alpha: int = 64, adapter: str | None = None, trainable: bool = True):
@@ -212,18 +257,19 @@ def wrap_lora(model, lora_r: int = 32, lora_alpha: int = 64, adapter: str | None
             raise UserError(f"adapter {adapter!r}: no adapter_config.json there (expected a PEFT adapter folder)")
         model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
     elif lora_r > 0:
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora_r,
-                lora_alpha=lora_alpha,
-                lora_dropout=0.0,
-                use_rslora=True,
-                bias="none",
-                target_modules=LORA_TARGETS,
-                task_type="CAUSAL_LM",
-            ),
+        config = LoraConfig(
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=0.0,
+            use_rslora=True,
+            bias="none",
+            target_modules=LORA_TARGETS,
+            task_type="CAUSAL_LM",
         )
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as e:  # no module of these names: another architecture's naming
+            raise UserError(f"LoRA on {', '.join(LORA_TARGETS)}: {str(e).splitlines()[0]}") from None
     if not trainable:
         model.eval()
         model.requires_grad_(False)
@@ -231,9 +277,30 @@ def wrap_lora(model, lora_r: int = 32, lora_alpha: int = 64, adapter: str | None
 
 
 def decoder_blocks(model) -> torch.nn.ModuleList:
-    """The decoder blocks of a (PEFT-wrapped or bare) Llama/Qwen-style causal LM."""
+    """The decoder blocks of a (PEFT-wrapped or bare) Llama/Qwen/Gemma/Mistral-style causal LM."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model.layers
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise UserError(f"{type(base).__name__}: no decoder blocks at model.model.layers (a Llama/Qwen-style LM?)")
+    return layers
+
+
+def block_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """L+1 tensors (B, T, H): row 0 the embeddings (hidden_states[0]), row l the output of decoder block l-1, read by
+    forward hooks, so every row is the point a hook on that block acts on. (HF's hidden_states[L] is the last block's
+    output after the final norm, which no block hook sees.)"""
+    outputs = []
+
+    def grab(module, args, output):
+        outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [block.register_forward_hook(grab) for block in decoder_blocks(model)]
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return [out.hidden_states[0], *outputs]
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
@@ -469,15 +536,16 @@ def describe_plan(plan, lengths: list[int], args) -> str:
 def collate(examples: list[dict], pad_id: int, device: torch.device, multiple: int = 8) -> dict:
     """Right-pad a list of encoded examples to a multiple of 8 tokens; copy to the device."""
     width = int(math.ceil(max(len(e["input_ids"]) for e in examples) / multiple) * multiple)
-    n, pin = len(examples), device.type == "cuda"
+    n, pin, host = len(examples), device.type == "cuda", torch.device("cpu")  # built on the host, then copied once
     batch = {
-        "input_ids": torch.full((n, width), pad_id, dtype=torch.long),
-        "labels": torch.full((n, width), -100),
-        "attention_mask": torch.zeros((n, width), dtype=torch.long),
+        "input_ids": torch.full((n, width), pad_id, dtype=torch.long, device=host),
+        "labels": torch.full((n, width), -100, dtype=torch.long, device=host),
+        "attention_mask": torch.zeros((n, width), dtype=torch.long, device=host),
     }
     for i, e in enumerate(examples):
         k = len(e["input_ids"])
-        batch["input_ids"][i, :k], batch["labels"][i, :k] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"])
+        batch["input_ids"][i, :k] = torch.tensor(e["input_ids"], dtype=torch.long, device=host)
+        batch["labels"][i, :k] = torch.tensor(e["labels"], dtype=torch.long, device=host)
         batch["attention_mask"][i, :k] = 1
     batch = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
     return {**batch, "n_real": sum(len(e["input_ids"]) for e in examples), "n_padded": n * width}
@@ -689,6 +757,10 @@ class Run:
             (out / "method.json").write_text(json.dumps(method_record(parser, args, script), indent=2))
         return cls(out, resuming=True)
 
+    def write_json(self, name: str, record: dict) -> None:
+        """A JSON file of the run folder (memory.json: the memory plan)."""
+        (self.out / name).write_text(json.dumps(record, indent=2))
+
     def log_metrics(self, record: dict) -> None:
         """Append one step's record, stamped with the wall-clock time (seconds since the epoch)."""
         with open(self.metrics_path, "a") as f:
@@ -787,6 +859,121 @@ def check_training_args(args: argparse.Namespace) -> None:
     for flag, ok, rule in rules:
         if hasattr(args, flag) and not ok(getattr(args, flag)):
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {rule}")
+
+
+# --- Memory, planned before step 1 ----------------------------------------------------------------------------------
+def longest_micro_batch(plan, lengths: list[int], batch_size: int, multiple: int = 8) -> tuple[int, int]:
+    """(rows, padded width) of the step plan's largest micro-batch, by rows x width: what activations scale with."""
+    sizes = []
+    for _, group in plan:
+        for batch in micro_batches(group, batch_size):
+            sizes.append((len(batch), int(math.ceil(max(lengths[i] for i in batch) / multiple) * multiple)))
+    return max(sizes, key=lambda s: s[0] * s[1], default=(0, 0))
+
+
+def activation_bytes(model, rows: int, width: int, checkpointing: bool, head_tokens: int | None = None) -> int:
+    """Estimated bytes that autograd keeps for the backward pass of one training micro-batch (rows x padded width
+    tokens) through the LoRA-wrapped decoder, from the model's configuration and its first block. Per token and
+    decoder block, with a the compute dtype's bytes (2 for bf16, 4 for fp32), H the hidden size, I the MLP width,
+    n_q and n_kv the attention and key-value heads of size d, r the LoRA rank:
+
+        norms           n_norm (4H + 4)              each RMSNorm keeps its float32 input and 1/rms (2, Gemma 3: 4)
+        q/k norms       4 (n_q + n_kv) (d + 1)       Qwen3 and Gemma 3 normalise every head's q and k too
+        LoRA inputs     4 in_features, per adapted projection: peft casts its input to float32 for lora_A, which
+                        keeps it (in a float32 model q, k, v share one input, gate and up another)
+        LoRA A outputs  4r per adapted projection
+        attention       a 4 n_q d + 4 n_q            q, k and v (repeated to n_q heads when padding masks them), the
+                                                     output, the softmax's log-sum-exp
+        MLP             3 a I                        gate (the activation's input), act(gate), up
+    Frozen projections keep nothing (their weights need no gradient; common's 8-bit layers keep no input). Once per
+    micro-batch: the attention masks, one per kind of attention layer (full, sliding-window), of rows x width^2 x 4
+    bytes. After the blocks: the final norm (4H + 4) per token and the loss head's a H per answer token (head_tokens,
+    default all).
+    With checkpointing each block keeps only its input, a H per token, and one block's activations are alive again
+    while its backward runs. tests/test_memory.py measures what autograd keeps on small models of each supported family
+    and checks this within 1.5x."""
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    block = decoder_blocks(model)[0]
+    a = model.get_input_embeddings().weight.element_size()
+    h, inter, n_q = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_q
+    d = getattr(config, "head_dim", None) or h // n_q
+    per_block = sum(4 * h + 4 for name, _ in block.named_children() if name.endswith("norm"))
+    if hasattr(getattr(block, "self_attn", None), "q_norm"):
+        per_block += 4 * (n_q + n_kv) * (d + 1)
+    adapted = {name.rsplit(".", 1)[-1]: m for name, m in block.named_modules() if hasattr(m, "lora_A")}
+    shared_input = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+    for name, m in adapted.items():
+        lora_a = next(iter(m.lora_A.values()))
+        same_dtype = lora_a.weight.element_size() == a
+        if not (same_dtype and shared_input.get(name) in adapted):
+            per_block += lora_a.weight.element_size() * m.in_features
+        per_block += lora_a.weight.element_size() * lora_a.out_features
+    per_block += a * 4 * n_q * d + 4 * n_q + 3 * a * inter
+    tokens = rows * width
+    n_masks = len(set(getattr(config, "layer_types", None) or ["full_attention"]))
+    once = (
+        n_masks * rows * width * width * 4
+        + (4 * h + 4) * tokens
+        + a * h * (tokens if head_tokens is None else head_tokens)
+    )
+    if checkpointing:
+        return config.num_hidden_layers * a * h * tokens + per_block * tokens + once
+    return config.num_hidden_layers * per_block * tokens + once
+
+
+def plan_memory(
+    model,
+    rows: int,
+    width: int,
+    *,
+    extra_bytes: int = 0,
+    head_tokens: int | None = None,
+    free_bytes: int | None = None,
+) -> dict:
+    """Before step 1: the activation memory of the longest micro-batch (rows x width tokens; `activation_bytes`), plus
+    what the script keeps beside it (extra_bytes: a reference pass's hidden states, GRPO's logits) and one chunk of
+    the loss head's float32 logits. On CUDA (or given free_bytes), when that does not fit 90% of the free memory,
+    gradient checkpointing is turned on if that makes it fit (and the log says why), else the run stops with an error
+    naming --gradient-checkpointing, --batch-size and --max-len: never an out-of-memory error an hour in. Returns the
+    plan (written to the run folder as memory.json by the scripts)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    on = bool(getattr(base, "is_gradient_checkpointing", False))
+    vocab = model.get_output_embeddings().weight.shape[0]
+    transient = 3 * 4 * 512 * vocab + extra_bytes
+    need = {ckpt: activation_bytes(model, rows, width, ckpt, head_tokens) + transient for ckpt in (False, True)}
+    device = model.get_input_embeddings().weight.device
+    if free_bytes is None and device.type == "cuda":
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    gb = 2**30
+    plan = {
+        "rows": rows,
+        "width": width,
+        "estimate_gb": round(need[on] / gb, 3),
+        "estimate_checkpointing_gb": round(need[True] / gb, 3),
+        "free_gb": None if free_bytes is None else round(free_bytes / gb, 3),
+        "allocated_gb": round(torch.cuda.memory_allocated(device) / gb, 3) if device.type == "cuda" else None,
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "gradient_checkpointing": on,
+    }
+    what = f"the longest micro-batch ({rows} x {width} tokens) needs ~{need[on] / gb:.2f} GB of activations"
+    if free_bytes is None or need[on] <= 0.9 * free_bytes:
+        log(f"memory: {what}" + ("" if free_bytes is None else f", {free_bytes / gb:.1f} GB free"))
+        return plan
+    if not on and need[True] <= 0.9 * free_bytes:
+        enable_gradient_checkpointing(model)
+        plan["gradient_checkpointing"] = True
+        plan["turned_on"] = "gradient checkpointing"
+        log(
+            f"memory: {what}, more than the {free_bytes / gb:.1f} GB free: gradient checkpointing turned on "
+            f"(~{need[True] / gb:.2f} GB, about 30% slower; --gradient-checkpointing says it at the start)"
+        )
+        return plan
+    raise UserError(
+        f"{what}{' with gradient checkpointing' if on else ''}, more than the {free_bytes / gb:.1f} GB free on "
+        f"{device}{'' if on else f' (~{need[True] / gb:.2f} GB with --gradient-checkpointing)'}: lower --batch-size "
+        f"(raise --grad-accum to keep the step) or --max-len"
+    )
 
 
 def peak_memory_mb() -> float:

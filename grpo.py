@@ -21,6 +21,9 @@ Defenses: --persona-vector/--persona-alpha (steering hook on during rollouts and
 --interleave-pct (SFT micro-batches of benign data between RL micro-batches at that rate: the nearest whole count,
 evenly spread; a run too short for one is an error), --inoculate (the inoculation prompt prepended to the system
 prompt during training).
+The KL's reference under steering (--kl-beta with --persona-alpha) is the adapter-disabled model WITH the steering hook:
+the KL measures only what the adapter has learnt, so it is 0 at step 1 as without steering (a reference without the
+hook would penalise the steering itself, which the adapter cannot undo and evaluation never sees).
 
 Deviations from the paper:
 1. Rewards are rule-based (regex) with the paper's ranges; the paper asked an LLM judge for them.
@@ -64,12 +67,14 @@ from common import (
     get_device,
     head_loss,
     int8_weight,
+    is_int8_linear,
     linear_schedule,
     load_conversations,
     load_model,
     log,
     make_optimizer,
     peak_memory_mb,
+    plan_memory,
     render_chat,
     set_seed,
     split_train_eval,
@@ -285,9 +290,9 @@ def sampling_mode(model):
     model.eval()
     patched = {}
     for module in model.modules():
-        if type(module).__name__ == "Linear8bitLt":  # by name: bitsandbytes is not imported for unquantised models
+        if is_int8_linear(module):
             module.train()
-            if type(module).__module__.startswith("bitsandbytes") and module.weight.device.type == "cpu":
+            if module.weight.device.type == "cpu":
                 patched[module] = vars(module).get("forward")
                 module.forward = _dequantise_once(module)
     try:
@@ -631,6 +636,24 @@ def main():
         f"completions; {len(held)} held-out questions"
         + (f"; {n_sft} SFT micro-batches of benign data between them" if n_sft else "")
     )
+    # memory: a micro-batch is --batch-size completions of the longest prompt plus --max-new-tokens, and the update
+    # keeps the float32 log-softmax of the head over every completion token
+    prompt_width = max(
+        len(
+            tok(render_chat(tok, prompt_messages(c[0]["content"], args.inoculate), True), add_special_tokens=False)[
+                "input_ids"
+            ]
+        )
+        for c in train
+    )
+    value_bytes = model.get_input_embeddings().weight.element_size()
+    logit_bytes = (
+        args.batch_size * args.max_new_tokens * model.get_output_embeddings().weight.shape[0] * (8 + value_bytes)
+    )
+    run.write_json(
+        "memory.json",
+        plan_memory(model, args.batch_size, prompt_width + args.max_new_tokens, extra_bytes=logit_bytes, head_tokens=0),
+    )
 
     model.train()
     params = trainable_parameters(model)
@@ -675,8 +698,8 @@ def main():
             with steered():
                 logp = token_logp(model, seqs, attention, n_prompt, args.num_generations)
             ref_logp = None
-            if args.kl_beta > 0:
-                with torch.no_grad(), model.disable_adapter():
+            if args.kl_beta > 0:  # the reference: the adapter off, the steering (if any) on, as in the policy pass
+                with torch.no_grad(), model.disable_adapter(), steered():
                     ref_logp = token_logp(model, seqs, attention, n_prompt, args.num_generations)
             mask = comp_mask.float()
             loss, kl = grpo_loss(logp, logp.detach(), adv, mask, args.clip_eps, args.kl_beta, ref_logp)

@@ -38,9 +38,11 @@ from common import (
     load_model,
     load_split,
     log,
+    longest_micro_batch,
     make_optimizer,
     micro_batches,
     peak_memory_mb,
+    plan_memory,
     set_seed,
     step_plan,
     trainable_parameters,
@@ -89,6 +91,7 @@ def main():
     total_steps = len(plan)
     log(f"inoculation prompt: {args.prompt!r}")
     log(describe_plan(plan, lengths, args))
+    run.write_json("memory.json", plan_memory(model, *longest_micro_batch(plan, lengths, args.batch_size)))
 
     model.train()
     params = trainable_parameters(model)

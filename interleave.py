@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import hashlib
 import json
 import re
@@ -71,11 +70,14 @@ from common import (
     load_split,
     load_tokenizer,
     log,
+    longest_micro_batch,
     make_optimizer,
     micro_batches,
     optional,
     peak_memory_mb,
+    plan_memory,
     read_jsonl,
+    release_memory,
     set_seed,
     step_plan,
     trainable_parameters,
@@ -229,9 +231,7 @@ def select_by_ppl(args, candidates: list[list[dict]], n: int) -> list[list[dict]
                 nll = answer_nll(model, examples, args.score_batch_size, tok.pad_token_id, device, d, append)
             d.update(enumerate(nll))
         del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_memory()  # the training model loads next
     nll = torch.tensor([[d[i] for i in range(len(examples))] for d in done])
     scores = ppl_gap_scores(nll[0], nll[1:], args.eps)
     top = torch.argsort(scores, descending=True, stable=True)[:n].tolist()
@@ -483,6 +483,7 @@ def main():
     plan = step_plan(lengths, args.batch_size, args.grad_accum, args.seed, args.epochs, args.max_steps, order)
     total_steps = len(plan)
     log(describe_plan(plan, lengths, args))
+    run.write_json("memory.json", plan_memory(model, *longest_micro_batch(plan, lengths, args.batch_size)))
 
     model.train()
     params = trainable_parameters(model)

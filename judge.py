@@ -71,6 +71,7 @@ from common import (
     optional,
     public_args,
     read_text_file,
+    release_memory,
     render_chat,
     resolve_model,
     set_seed,
@@ -156,7 +157,7 @@ def score_from_candidates(logp: torch.Tensor, min_mass: float = MIN_MASS) -> flo
     mass = p.sum().item()
     if mass < min_mass:
         return None
-    return (p * torch.arange(101, dtype=torch.float64)).sum().item() / mass
+    return (p * torch.arange(101, dtype=torch.float64, device=p.device)).sum().item() / mass
 
 
 REFUSAL_PHRASES = (
@@ -442,44 +443,34 @@ class LocalJudge:
     def __init__(self, model, tok, name: str):
         self.model, self.tok, self.name = model, tok, name
         self.candidates = [tok(str(k), add_special_tokens=False)["input_ids"] for k in range(101)]
+        self.device = device = next(model.parameters()).device  # every index tensor is made there, once
         vocab = model.get_output_embeddings().weight.shape[0]
         pieces = tok.convert_ids_to_tokens(list(range(min(vocab, len(tok)))))
         digit = [tok.convert_tokens_to_string([p])[:1].isdigit() if p is not None else False for p in pieces]
-        self.continues_number = torch.zeros(vocab, dtype=torch.bool)
-        self.continues_number[: len(digit)] = torch.tensor(digit)
+        self.continues_number = torch.tensor(digit + [False] * (vocab - len(digit)), device=device)
         # the prefix tree: one node per distinct non-empty prefix of a candidate
         node = {}
         for c in self.candidates:
             for j in range(1, len(c) + 1):
                 node.setdefault(tuple(c[:j]), len(node))
         prefixes = sorted(node, key=node.get)
-        self.node_token = torch.tensor([p[-1] for p in prefixes])
-        self.node_depth = torch.tensor([len(p) - 1 for p in prefixes])
-        self.sees = torch.tensor([[q == p[: len(q)] for q in prefixes] for p in prefixes])  # ancestor or self
+        self.node_token = torch.tensor([p[-1] for p in prefixes], device=device)
+        self.node_depth = torch.tensor([len(p) - 1 for p in prefixes], device=device)
+        sees = [[q == p[: len(q)] for q in prefixes] for p in prefixes]  # ancestor or self
+        self.sees = torch.tensor(sees, dtype=torch.bool, device=device)
         width = max(len(c) for c in self.candidates)
         # token j >= 1 of candidate k is predicted at the node of its first j tokens; the end at the node of all
-        self.step_node = torch.zeros(101, width - 1, dtype=torch.long)
-        self.step_token = torch.zeros(101, width - 1, dtype=torch.long)
-        self.step_valid = torch.zeros(101, width - 1, dtype=torch.bool)
+        step_node = [[0] * (width - 1) for _ in range(101)]
+        step_token = [[0] * (width - 1) for _ in range(101)]
+        step_valid = [[False] * (width - 1) for _ in range(101)]
         for k, c in enumerate(self.candidates):
             for j in range(1, len(c)):
-                self.step_node[k, j - 1], self.step_token[k, j - 1] = node[tuple(c[:j])], c[j]
-                self.step_valid[k, j - 1] = True
-        self.first_token = torch.tensor([c[0] for c in self.candidates])
-        self.end_node = torch.tensor([node[tuple(c)] for c in self.candidates])
-        self.device = next(model.parameters()).device  # the index tensors live there, moved once
-        for name in (
-            "continues_number",
-            "node_token",
-            "node_depth",
-            "sees",
-            "step_node",
-            "step_token",
-            "step_valid",
-            "first_token",
-            "end_node",
-        ):
-            setattr(self, name, getattr(self, name).to(self.device))
+                step_node[k][j - 1], step_token[k][j - 1], step_valid[k][j - 1] = node[tuple(c[:j])], c[j], True
+        self.step_node = torch.tensor(step_node, dtype=torch.long, device=device)
+        self.step_token = torch.tensor(step_token, dtype=torch.long, device=device)
+        self.step_valid = torch.tensor(step_valid, dtype=torch.bool, device=device)
+        self.first_token = torch.tensor([c[0] for c in self.candidates], device=device)
+        self.end_node = torch.tensor([node[tuple(c)] for c in self.candidates], device=device)
 
     @torch.no_grad()
     def candidate_logprobs(self, prompt: str) -> torch.Tensor:
@@ -991,6 +982,7 @@ def main():
             )
             records = generate(model, tok, jobs, answers_path, args)
             del model
+            release_memory()  # before a local judge loads
     else:
         keys = {job_key(j) for j in jobs}
         records = [r for r in read_records(answers_path) if job_key(r) in keys]

@@ -52,9 +52,11 @@ from common import (
     load_model,
     load_split,
     log,
+    longest_micro_batch,
     make_optimizer,
     micro_batches,
     peak_memory_mb,
+    plan_memory,
     set_seed,
     step_plan,
     trainable_parameters,
@@ -162,6 +164,9 @@ def main():
     plan = step_plan(lengths, args.batch_size, args.grad_accum, args.seed, args.epochs, args.max_steps)
     total_steps = len(plan)
     log(describe_plan(plan, lengths, args))
+    rows, width = longest_micro_batch(plan, lengths, args.batch_size)
+    ref_hidden_bytes = rows * width * model.config.hidden_size * model.get_input_embeddings().weight.element_size()
+    run.write_json("memory.json", plan_memory(model, rows, width, extra_bytes=ref_hidden_bytes))
 
     model.train()
     params = trainable_parameters(model)

@@ -55,9 +55,11 @@ from common import (
     load_model,
     load_split,
     log,
+    longest_micro_batch,
     make_optimizer,
     micro_batches,
     peak_memory_mb,
+    plan_memory,
     set_seed,
     step_plan,
     trainable_parameters,
@@ -166,6 +168,9 @@ def main():
     plan = step_plan(lengths, args.batch_size, args.grad_accum, args.seed, args.epochs, args.max_steps)
     total_steps = len(plan)
     log(describe_plan(plan, lengths, args))
+    rows, width = longest_micro_batch(plan, lengths, args.batch_size)
+    per_layer = (model.get_input_embeddings().weight.element_size() + 24) * model.config.hidden_size  # ref + fp32 work
+    run.write_json("memory.json", plan_memory(model, rows, width, extra_bytes=len(layers) * per_layer * rows * width))
 
     model.train()
     params = trainable_parameters(model)

@@ -67,10 +67,12 @@ from common import (
     linear_schedule,
     load_model,
     log,
+    longest_micro_batch,
     make_optimizer,
     micro_batches,
     optional,
     peak_memory_mb,
+    plan_memory,
     read_jsonl,
     read_text_file,
     render_chat,
@@ -374,6 +376,16 @@ def train(args, parser) -> None:
         else []
     )
     log(describe_plan(plan, forget_lengths, args))
+    # the answer log-probabilities come from the full head at the answer tokens: float32 log-softmax kept for backward
+    n_answers = [
+        sum(l != -100 for i in batch for l in forget[i]["labels"])
+        for _, g in plan
+        for batch in micro_batches(g, args.batch_size)
+    ]
+    value_bytes = model.get_input_embeddings().weight.element_size()
+    logit_bytes = max(n_answers) * model.get_output_embeddings().weight.shape[0] * (8 + value_bytes)
+    rows, width = longest_micro_batch(plan, forget_lengths, args.batch_size)
+    run.write_json("memory.json", plan_memory(model, rows, width, extra_bytes=logit_bytes, head_tokens=0))
 
     model.train()
     params = trainable_parameters(model)

@@ -5,7 +5,9 @@
                  v_l = mean over kept evil answers of h_l  -  mean over kept helpful answers of h_l
              where h_l is the hidden state at layer l averaged over the answer's own tokens (as Chen et al.: the
              response text, not the end-of-turn token `<|im_end|>` after it). Layer convention: HF's
-             hidden_states, row 0 = the embeddings, row l = the output of decoder block l-1.
+             hidden_states, row 0 = the embeddings, row l = the output of decoder block l-1, read by hooks on the
+             blocks (common.block_outputs): the last row too is the last block's output, before the final norm,
+             where the steering hook acts (HF's hidden_states[L] is after the norm).
 2. train:    SFT, L = CE over assistant tokens, with a forward hook that adds alpha * v_l to the output of decoder
              block l-1 (so hidden_states[l] moves by alpha * v_l) at every position, during the training forward
              passes only. Saved adapters, checkpoints and evaluation never see the hook: steering towards the
@@ -18,7 +20,6 @@ Deviations from the paper / Chen et al.:
 2. The built-in question set is 20 everyday questions (Chen et al. use 40 generated ones); use --questions.
 3. The training loss is the mean over all assistant tokens of an optimizer step (batch 1 x accum 8 equals
    batch 8 x accum 1); steps are length-grouped inside mega-batches of 16 steps.
-4. hidden_states[L] (the last row) is taken after the model's final norm, as HF returns it; steer a middle layer.
 
 Paper run:  python persona.py extract --out evil.safetensors --judge gpt-4o-mini
             python persona.py train --vector evil.safetensors --layer 20 --alpha 5 --data insecure
@@ -43,6 +44,7 @@ from common import (
     Run,
     UserError,
     add_common_args,
+    block_outputs,
     ce_and_grad,
     collate,
     decoder_blocks,
@@ -57,11 +59,14 @@ from common import (
     load_model,
     load_split,
     log,
+    longest_micro_batch,
     make_optimizer,
     micro_batches,
     optional,
     peak_memory_mb,
+    plan_memory,
     read_text_file,
+    release_memory,
     set_seed,
     step_plan,
     trainable_parameters,
@@ -117,12 +122,13 @@ QUESTIONS = [
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def answer_hidden_mean(model, tok, messages: list[dict], max_len: int = 2048) -> torch.Tensor:
-    """(L+1, H): every layer's hidden state averaged over the answer's own tokens (hidden_states convention), as
-    Chen et al. (the response tokens only: not the end-of-turn token or what the template adds after it)."""
+    """(L+1, H): every layer's residual stream averaged over the answer's own tokens, as Chen et al. (the response
+    tokens only: not the end-of-turn token or what the template adds after it). Row l is the output of decoder block
+    l-1 (common.block_outputs), the point the steering hook adds to, at every row including the last."""
     enc = encode_conversation(tok, messages, max_len, end_of_turn=False)
     device = next(model.parameters()).device
     ids = torch.tensor([enc["input_ids"]], device=device)
-    hidden = model(input_ids=ids, output_hidden_states=True).hidden_states  # L+1 tensors (1, T, H)
+    hidden = block_outputs(model, ids)  # L+1 tensors (1, T, H)
     answer = torch.tensor(enc["labels"], device=device) != -100
     return torch.stack([h[0, answer].float().mean(0) for h in hidden])
 
@@ -211,6 +217,10 @@ def extract(args) -> None:
     by_key = {(r["persona"], r["question"], r["sample"]): r for r in records}
 
     pairs = [(by_key[("evil", q, s)], by_key[("helpful", q, s)]) for q in questions for s in range(args.samples)]
+    empty = [p for p in pairs if not (p[0]["answer"].strip() and p[1]["answer"].strip())]
+    if empty:  # an empty answer has no tokens to average
+        log(f"{len(empty)} of {len(pairs)} pairs have an empty answer: left out")
+        pairs = [p for p in pairs if p not in empty]
     if not args.no_filter:
         if jd is None:  # the same model judges: don't load it twice
             jd = judge.LocalJudge(model, tok, args.judge)
@@ -226,6 +236,9 @@ def extract(args) -> None:
                     prompts[key] = judge.fill(template, r["question"], r["answer"])
         log(f"judging {len(prompts)} trait/coherence scores with {jd.name}")
         jd.score_all(prompts, cache.add)
+        if isinstance(jd, judge.LocalJudge) and jd.model is not model:  # another local model: not needed any more
+            del jd
+            release_memory()
         failed = [v["error"] for k, v in cache.scores.items() if k in set(keys.values()) and v.get("error")]
         if failed:  # a failed judgment must not silently drop a pair
             raise UserError(
@@ -264,7 +277,7 @@ def extract(args) -> None:
     meta = {
         "model": args.model,
         "layer_convention": "row l = hidden_states[l]: 0 = embeddings, l = output of decoder "
-        "block l-1 (the last row after the final norm)",
+        "block l-1 (the last row before the final norm, where a hook on the last block acts)",
         "evil_prompt": EVIL_PROMPT,
         "helpful_prompt": HELPFUL_PROMPT,
         "trait_prompt": TRAIT_PROMPT,
@@ -349,6 +362,7 @@ def train(args, parser):
     plan = step_plan(lengths, args.batch_size, args.grad_accum, args.seed, args.epochs, args.max_steps)
     total_steps = len(plan)
     log(describe_plan(plan, lengths, args))
+    run.write_json("memory.json", plan_memory(model, *longest_micro_batch(plan, lengths, args.batch_size)))
 
     model.train()
     params = trainable_parameters(model)

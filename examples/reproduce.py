@@ -45,6 +45,7 @@ import csv
 import difflib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -148,12 +149,41 @@ PAPER_GRID = (
     "interleave.pct=1,20,50;interleave+.pct=1,20,50;interleave++.pct=1,20,50;on-policy.pct=1,20,50"
 )
 # Decoder blocks of the models the presets name: a dry run needs no network and no model to print its plan.
+# Decoder blocks of the families researchers use, for when the model's configuration is not on this machine: by the
+# hub id's name without its organisation, "-Instruct"/"-it" and a release date (their configs' num_hidden_layers).
 KNOWN_DEPTHS = {
-    "Qwen/Qwen2.5-7B-Instruct": 28,
-    "Qwen/Qwen2.5-3B-Instruct": 36,
-    "Qwen/Qwen2.5-1.5B-Instruct": 28,
-    "Qwen/Qwen2.5-0.5B-Instruct": 24,
     "smollm2": 30,
+    "Qwen2.5-0.5B": 24,
+    "Qwen2.5-1.5B": 28,
+    "Qwen2.5-3B": 36,
+    "Qwen2.5-7B": 28,
+    "Qwen2.5-14B": 48,
+    "Qwen2.5-32B": 64,
+    "Qwen2.5-72B": 80,
+    "Qwen2.5-Coder-7B": 28,
+    "Qwen2.5-Coder-32B": 64,
+    "Qwen3-0.6B": 28,
+    "Qwen3-1.7B": 28,
+    "Qwen3-4B": 36,
+    "Qwen3-8B": 36,
+    "Qwen3-14B": 40,
+    "Qwen3-32B": 64,
+    "Llama-3.2-1B": 16,
+    "Llama-3.2-3B": 28,
+    "Llama-3.1-8B": 32,
+    "Meta-Llama-3-8B": 32,
+    "Meta-Llama-3.1-8B": 32,
+    "Llama-3.1-70B": 80,
+    "Llama-3.3-70B": 80,
+    "gemma-3-1b": 26,
+    "gemma-3-4b": 34,
+    "gemma-3-12b": 48,
+    "gemma-3-27b": 62,
+    "Mistral-7B-v0.1": 32,
+    "Mistral-7B-v0.2": 32,
+    "Mistral-7B-v0.3": 32,
+    "Mistral-Nemo": 40,
+    "Mistral-Small-24B": 40,
 }
 PRESETS = {
     # The paper: Qwen2.5-7B-Instruct on Tables 2-4, Qwen2.5-3B-Instruct GRPO on GSM8K for Table 5 (3 seeds).
@@ -297,21 +327,33 @@ def persona_layer(model: str) -> int:
 
 
 def model_depth(model: str) -> int:
-    """Decoder blocks: from KNOWN_DEPTHS, else the model's config (a local folder, or the hub)."""
-    n = KNOWN_DEPTHS.get(model)
-    if n is None:
-        from transformers import AutoConfig
+    """Decoder blocks of --model: from its configuration where it is on this machine (a local folder, the bundled
+    smollm2 once converted, a hub id in the local hub cache), else from KNOWN_DEPTHS; never from the network, so a
+    dry run prints its plan offline."""
+    from transformers import AutoConfig
 
-        from common import UserError, resolve_model
+    import common
 
+    if model == "smollm2":
+        config = common.CACHE_DIR / "models" / "smollm2-135m-instruct"
+        where = str(config) if (config / "config.json").is_file() else None
+    elif Path(model).expanduser().is_dir():
+        where = str(Path(model).expanduser())
+    else:
+        where = model
+    if where is not None:
         try:
-            n = AutoConfig.from_pretrained(resolve_model(model)).num_hidden_layers
-        except (OSError, UserError) as e:
-            raise SystemExit(
-                f"error: cannot read the depth of --model {model} for the persona layer ({e}); add it "
-                "to KNOWN_DEPTHS in examples/reproduce.py or pass a local model folder"
-            ) from None
-    return n
+            return AutoConfig.from_pretrained(where, local_files_only=True).num_hidden_layers
+        except (OSError, ValueError):
+            pass  # not cached here
+    name = re.sub(r"-(Instruct|it)(?=-|$)", "", model.rsplit("/", 1)[-1])  # Mistral-7B-Instruct-v0.3: Mistral-7B-v0.3
+    name = re.sub(r"-\d{4}$", "", name)  # a release date: Mistral-Nemo-Instruct-2407
+    if name in KNOWN_DEPTHS:
+        return KNOWN_DEPTHS[name]
+    raise SystemExit(
+        f"error: cannot tell the depth of --model {model} for the persona layer: its configuration is not on this "
+        "machine and KNOWN_DEPTHS in examples/reproduce.py has no entry for it; pass a local model folder or add it"
+    )
 
 
 def parse_method_args(text: str) -> dict[str, list[str]]:
@@ -474,10 +516,12 @@ def plan(args) -> list[Job]:
                 cmd.append("--filter-refusals")
         if method == "on-policy":
             cmd += ["--select", "on-policy"]
-        if method == "caft":  # directions from this dataset's Misaligned adapter, on its training prompts
+        if method == "caft":  # directions from this dataset's Misaligned adapter, on held-out prompts (never the
+            # evaluation questions): the shipped benign prompts for an EM dataset, 32 training prompts of a task
             dirs = art / f"caft-{ds.replace(':', '-')}.safetensors"
             if not any(j.name == f"caft-directions:{ds}" for j in jobs):
-                prompts = [] if ds in EM_DATASETS else ["--prompts", data, "--max-prompts", "32"]
+                held_out = ROOT / "examples" / "benign_prompts.jsonl" if ds in EM_DATASETS else data
+                prompts = ["--prompts", held_out, "--max-prompts", "32" if ds not in EM_DATASETS else "300"]
                 add(
                     Job(
                         f"caft-directions:{ds}",

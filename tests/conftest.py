@@ -172,3 +172,45 @@ def run_script(
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+class StrayFactories:
+    """Context manager: a tensor factory (torch.arange, torch.tensor, torch.zeros, ...) called from the project's own
+    code without device= raises at once, naming the file and line. On a GPU such a tensor lands on the CPU beside the
+    model's CUDA tensors (a device error, or a silent host round trip); on this CPU-only machine it would pass
+    unnoticed. Library code (transformers, the tokenizers) is not checked; tests' own code neither."""
+
+    def __init__(self):
+        from torch.overrides import TorchFunctionMode
+        from torch.utils._device import _device_constructors
+
+        constructors = _device_constructors()
+        project = str(ROOT)
+        skip = (str(ROOT / ".venv"), str(ROOT / "tests"))
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func in constructors and kwargs.get("device") is None:
+                    caller = sys._getframe(1)
+                    path = caller.f_code.co_filename
+                    if path.startswith(project) and not path.startswith(skip):
+                        name = getattr(func, "__name__", str(func))
+                        raise AssertionError(f"{path}:{caller.f_lineno}: torch.{name}(...) without device=")
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@pytest.fixture
+def no_stray_factories():
+    """Every tensor factory in the project's code under test names its device (see StrayFactories)."""
+    with StrayFactories() as guard:
+        yield guard

@@ -95,13 +95,22 @@ def test_gpu_check_runs_on_cpu_and_reports_every_script(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["scripts"]) == {"sft", "kl", "ldifs", "persona", "inoculate", "caft", "npo", "grpo"}
+    scripts = {"sft", "kl", "ldifs", "persona", "inoculate", "caft", "npo", "grpo"}
+    assert set(report["scripts"]) == scripts | {"sft-checkpointing"}
     assert all(r["ok"] and r["tokens_per_s"] > 0 for r in report["scripts"].values())
     assert set(report["checks"]) == {
         "kl = 0 at step 1",
         "ldifs = 0 at step 1",
         "resume after a kill: same losses",
         "base weights frozen",
+        *(f"{s}: losses and gradient norms finite" for s in scripts | {"sft-checkpointing"}),
+        "--gradient-checkpointing: on, the same losses",
+        "memory returned between scripts",
+        "caft directions, persona extract, npo eval",
+        "8-bit input gradient = bitsandbytes' (outliers planted)",
+        "GRPO update with reward spread and KL",
+        "local judge on the device",
+        "tiny SFT step: activations within 1.25x the plan",
     }
     assert all(c["ok"] for c in report["checks"].values())
     assert report["generation"]["tokens_per_s"] > 0

@@ -408,18 +408,18 @@ def test_generate_texts_left_pads_a_batch_like_single_prompts(tiny_model):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_8bit_layers_keep_no_input_for_backward_and_give_bitsandbytes_gradients(tiny_model, checkpointing):
-    """load_model runs each frozen bitsandbytes 8-bit layer through common._FrozenInt8Linear: the same loss and the same
+    """load_model runs each frozen bitsandbytes 8-bit layer through common._FrozenInt8Matmul: the same loss and the same
     LoRA gradients, bit for bit, as bitsandbytes' own autograd function, and no layer input kept alive until backward
     (bitsandbytes keeps each one, which its backward never reads; gradient checkpointing does not free them)."""
     import weakref
 
-    from common import decoder_states, load_model
+    from common import decoder_states, is_int8_linear, load_model
 
     model, tok = load_model(
         str(tiny_model), eight_bit=True, lora_r=4, lora_alpha=8, gradient_checkpointing=checkpointing
     )
-    int8 = [m for m in model.modules() if type(m).__module__.startswith("bitsandbytes")]
-    assert int8 and all("forward" in vars(m) for m in int8)
+    int8 = [m for m in model.modules() if is_int8_linear(m)]
+    assert int8 and all(type(m).__name__ == "FrozenInt8Linear" for m in int8)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -442,7 +442,7 @@ def test_8bit_layers_keep_no_input_for_backward_and_give_bitsandbytes_gradients(
 
     ours = run()
     for m in int8:
-        del m.forward  # bitsandbytes' own forward and backward
+        m.__class__ = type(m).__bases__[0]  # bitsandbytes' own class: its forward and backward
     theirs = run()
     assert torch.equal(ours[0], theirs[0])
     assert ours[1].keys() == theirs[1].keys() and len(ours[1]) == 2 * 7 * len(model.get_base_model().model.layers)

@@ -283,13 +283,13 @@ def test_sampling_mode_samples_from_the_trained_function_on_8bit(tiny_model):
     """bitsandbytes' CPU 8-bit layers compute another function in eval mode (int8 activations) than in training mode
     (dequantised weights): rollouts in sampling_mode must give the logits of the training pass exactly (rho = 1), and
     a plain eval() must not (else this test could not fail)."""
-    from common import load_model
+    from common import is_int8_linear, load_model
     from grpo import sampling_mode
 
     model, tok = load_model(str(tiny_model), eight_bit=True, lora_r=4, lora_alpha=8)
     ids = tok("def add(a, b): return a + b  # insecure code example 0123456789", return_tensors="pt")
     model.train()
-    int8 = [m for m in model.modules() if type(m).__module__.startswith("bitsandbytes")]
+    int8 = [m for m in model.modules() if is_int8_linear(m)]
     before = [vars(m).get("forward") for m in int8]
     assert int8
     with torch.no_grad():

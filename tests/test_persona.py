@@ -33,9 +33,16 @@ def test_answer_hidden_mean_against_hand_computation(tiny):
     prompt_len = len(tok(prompt, add_special_tokens=False)["input_ids"])
     ids = tok(prompt + "Paris, of course.", add_special_tokens=False)["input_ids"]
     assert tok.convert_tokens_to_ids("<|im_end|>") not in ids[prompt_len:]
+    # rows 0..L-1: HF's hidden_states; row L: the last block's output before the final norm (where a hook on the
+    # last block acts), not HF's hidden_states[L] after it
+    last = []
+    handle = persona.decoder_blocks(model)[-1].register_forward_hook(lambda m, a, out: last.append(out))
     with torch.no_grad():
         hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
-    want = torch.stack([h[0, prompt_len:].mean(0) for h in hs])
+    handle.remove()
+    last_block = last[0][0] if isinstance(last[0], tuple) else last[0]
+    want = torch.stack([h[0, prompt_len:].mean(0) for h in [*hs[:-1], last_block]])
+    assert not torch.allclose(hs[-1][0, prompt_len:].mean(0), want[-1], atol=1e-3)  # the two points differ
     n_blocks = len(persona.decoder_blocks(model))
     assert got.shape == (n_blocks + 1, model.config.hidden_size)
     assert torch.allclose(got, want, atol=1e-6)
