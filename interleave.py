@@ -232,7 +232,7 @@ def select_by_ppl(args, candidates: list[list[dict]], n: int) -> list[list[dict]
             d.update(enumerate(nll))
         del model
         release_memory()  # the training model loads next
-    nll = torch.tensor([[d[i] for i in range(len(examples))] for d in done])
+    nll = torch.tensor([[d[i] for i in range(len(examples))] for d in done], device="cpu")  # scores, on the host
     scores = ppl_gap_scores(nll[0], nll[1:], args.eps)
     top = torch.argsort(scores, descending=True, stable=True)[:n].tolist()
     log(f"Interleaving+: top {n} of {len(examples)} by Eq. 6, s_d from {scores[top[-1]]:.3f} to {scores[top[0]]:.3f}")

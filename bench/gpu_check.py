@@ -264,7 +264,7 @@ def int8_input_gradient(device: str) -> dict:
     (y_b, g_b), (y_o, g_o) = results["bitsandbytes"], results["ours"]
     scale = g_b.abs().max().clamp_min(1e-12)
     rel = float((g_o - g_b).abs().max() / scale)
-    ok = bool(torch.equal(y_o, y_b)) and bool(torch.isfinite(g_o).all()) and rel <= 1e-2 and float(scale) > 0
+    ok = bool(torch.equal(y_o, y_b)) and bool(torch.isfinite(g_o).all()) and rel <= 1e-3 and float(scale) > 0
     return {"ok": ok, "same_output": bool(torch.equal(y_o, y_b)), "grad_max_rel_diff": rel}
 
 
@@ -335,7 +335,8 @@ def local_judge(model_path: str, eight_bit: bool) -> dict:
 
 def well_formed_outputs(tmp: Path) -> dict:
     """The files of caft.py directions, persona.py extract and npo_unlearn.py eval: orthonormal directions at the
-    chosen layer, a finite persona vector that is not zero, a refusal score in 0..100 for every domain scored."""
+    chosen layer, a finite persona vector that is not zero, and for every domain scored a refusal score in 0..100
+    before and after, their difference as its drop, over the prompts asked for (--per-domain 4 of each)."""
     import torch
     from safetensors.torch import load_file
 
@@ -348,9 +349,12 @@ def well_formed_outputs(tmp: Path) -> dict:
     if not torch.isfinite(vector).all() or vector.abs().sum() == 0:
         problems.append("persona vector not finite or zero")
     evaluation = json.loads((tmp / "run-npo" / "npo_eval.json").read_text())
-    scores = [v[k] for v in evaluation["domains"].values() for k in ("before", "after")]
+    domains = evaluation["domains"].values()
+    scores = [v[k] for v in domains for k in ("before", "after")]
     if not scores or not all(0 <= s <= 100 for s in scores):
         problems.append(f"refusal scores {scores}")
+    if any(v["n"] != 4 or abs(v["drop"] - (v["before"] - v["after"])) > 1e-9 for v in domains):
+        problems.append("refusal counts or drops")
     return {"ok": not problems, "problems": problems, "domains": sorted(evaluation["domains"])}
 
 

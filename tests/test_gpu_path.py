@@ -428,6 +428,22 @@ def test_caft_directions_from_diff_need_held_out_prompts_and_warn_on_evaluation_
     assert "is a question file" in proc.stderr
 
 
+def test_the_paper_preset_fits_caft_directions_on_held_out_prompts(tmp_path):
+    """Table 2's CAFT rows: directions from the Misaligned adapter on the shipped benign prompts, never on the
+    evaluation questions (the old default)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "no-hub")}
+    cmd = [sys.executable, str(ROOT / "examples" / "reproduce.py"), "--preset", "paper", "--dry-run"]
+    cmd += ["--datasets", "insecure", "--methods", "misaligned,caft", "--root", str(tmp_path / "p")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    directions = next(line for line in proc.stdout.splitlines() if "caft.py directions" in line)
+    assert f"--prompts {ROOT / 'examples' / 'benign_prompts.jsonl'}" in directions
+
+
 def test_grpo_kl_reference_under_steering_is_the_steered_base_model(tiny_model, tmp_path):
     """With --persona-alpha and --kl-beta, the reference pass runs with the steering hook and the adapter off: at
     step 1 the adapter is still zero, so the KL is exactly 0, as without steering (a reference without the hook

@@ -100,7 +100,7 @@ def make_adapter(base, folder, seed):
     return folder
 
 
-def test_select_ppl_filters_caches_and_takes_the_top(tiny_model, train_file, pool_file, tmp_path):
+def test_select_ppl_filters_caches_and_takes_the_top(tiny_model, train_file, pool_file, tmp_path, no_stray_factories):
     pool = shutil.copy(pool_file, tmp_path / "pool.jsonl")
     adapters = ",".join(str(make_adapter(tiny_model, tmp_path / f"mis{k}", seed=k)) for k in range(2))
     args = [
@@ -165,7 +165,7 @@ def test_select_ppl_filters_caches_and_takes_the_top(tiny_model, train_file, poo
         assert len(c.read_text().splitlines()) == len(candidates)
 
 
-def test_select_on_policy_generates_answers(tiny_model, train_file, pool_file, tmp_path):
+def test_select_on_policy_generates_answers(tiny_model, train_file, pool_file, tmp_path, no_stray_factories):
     out = tmp_path / "run"
     run_script(
         "interleave.py",
