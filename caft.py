@@ -70,7 +70,6 @@ from common import (
     UserError,
     add_common_args,
     block_outputs,
-    ce_and_grad,
     collate,
     decoder_blocks,
     decoder_states,
@@ -79,7 +78,7 @@ from common import (
     encode_conversation,
     encode_dataset,
     get_device,
-    head_loss,
+    linear_cross_entropy,
     linear_schedule,
     load_conversations,
     load_model,
@@ -488,7 +487,7 @@ def train(args, parser):
         raise UserError("train needs --directions FILE (from: python caft.py directions ... --out FILE)")
     if not args.resume and not args.layers:
         raise UserError("train needs --layers L1,L2 (hidden_states indices to hook)")
-    run = Run.start(args, parser, "caft")
+    run, args = Run.start(args, parser, "caft")
     table, meta = load_directions(args.directions)  # a bad file fails before the data or the model loads
     set_seed(args.seed)
     device = get_device()
@@ -519,6 +518,7 @@ def train(args, parser):
     run.write_json("memory.json", plan_memory(model, *longest_micro_batch(plan, lengths, args.batch_size)))
 
     model.train()
+    head = model.get_output_embeddings().weight  # frozen
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, args.lr, args.weight_decay)
     scheduler = linear_schedule(optimizer, args.warmup_steps, total_steps)
@@ -536,10 +536,10 @@ def train(args, parser):
             # --- the method: forward (and, for project-grad, backward) through the hooked residual stream -----
             with hooks:
                 hooks.mask = batch["attention_mask"]
-                hidden = decoder_states(model, batch)[:, :-1]  # lm_head only at the loss positions, in chunks
+                hidden = decoder_states(model, batch)[:, :-1]  # the lm_head only where the loss needs it
                 targets = batch["labels"][:, 1:]
                 mask = targets != -100
-                ce = head_loss(model, hidden[mask], ce_and_grad, targets[mask]) / max(n_answer, 1)
+                ce = linear_cross_entropy(hidden[mask], head, targets[mask]) / max(n_answer, 1)
                 ce.backward()
             # -----------------------------------------------------------------------------------------------
             ce_sum += ce.item()

@@ -6,6 +6,7 @@ paper_data.py, serving.py, smollm2.py, judge.py, report.py; a missing one is a o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import importlib
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # Quiet: deprecation notices, weight-loading bars, bitsandbytes' kernel notice (our own log lines say what happens)
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -77,12 +79,40 @@ def optional(module: str, what: str):
         raise UserError(f"{what} needs {module}.py from em-defenses: copy it next to common.py") from None
 
 
+def _no_op(*args, **kwargs) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _no_op_context(*args, **kwargs):
+    yield
+
+
+_NO_OPS = {"trim_heap": _no_op, "eager_attention": _no_op_context, "dequantised_int8": _no_op_context}
+
+
+def cpu_speedup(name: str):
+    """A speed-up from cpu_speedups.py (trim_heap, eager_attention, dequantised_int8: each exists only because the
+    development machine is a CPU, and is a no-op on CUDA), or a no-op with the same signature when that file is not
+    next to common.py: the results are the same without it, only slower on a CPU."""
+    try:
+        module = importlib.import_module("cpu_speedups")
+    except ModuleNotFoundError as e:
+        if e.name != "cpu_speedups":
+            raise
+        return _NO_OPS[name]
+    return getattr(module, name)
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def set_seed(seed: int) -> None:
-    __import__("transformers").set_seed(seed)  # Python, NumPy, torch and CUDA generators
+    """Seed Python's, NumPy's, torch's and CUDA's generators."""
+    from transformers import set_seed as seed_everything
+
+    seed_everything(seed)
 
 
 def get_device() -> torch.device:
@@ -111,7 +141,8 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error(), hf_logging.disable_progress_bar()  # our own log lines say what happens
+    hf_logging.set_verbosity_error()  # our own log lines say what happens
+    hf_logging.disable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(resolve_model(name))
     except OSError as e:
@@ -307,57 +338,53 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-# --- Logits only where a loss needs them: over every position they are the step's largest tensor ---------------------
-_MALLOC_TRIM = (
-    getattr(__import__("ctypes").CDLL(None), "malloc_trim", None) if sys.platform == "linux" else None
-)  # glibc
-
-
+# --- The loss head: logits only where a loss needs them (over every position they are a step's largest tensor) ------
 def decoder_states(model, batch: dict) -> torch.Tensor:
-    """(B, T, H) last hidden states (after the final norm) of a (PEFT-wrapped) causal LM, without its lm_head: apply
-    the head (`model.get_output_embeddings()`, or `head_loss` in chunks) only where a loss needs it. On the CPU a
-    training pass ends by handing the heap's free pages back to the OS (glibc's malloc_trim): glibc keeps the pass's
-    freed temporaries in holes between the saved activations, and a run's peak RSS crept ~1 GB above its live
-    tensors."""
+    """(B, T, H) last hidden states (after the final norm) of a (PEFT-wrapped) causal LM, without its lm_head: the
+    scripts apply the head only at the positions their loss uses (`linear_cross_entropy`)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out = base.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    if _MALLOC_TRIM and torch.is_grad_enabled() and out.last_hidden_state.device.type == "cpu":
-        _MALLOC_TRIM(0)  # ~0.1 s a call here (~6% of the step with the page faults after it); saves 0.5-1.5 GB of RSS
+    cpu_speedup("trim_heap")(out.last_hidden_state.device)
     return out.last_hidden_state
 
 
-class _HeadLoss(torch.autograd.Function):
-    """sum of loss_fn(z, *rows) over chunks of tokens, z = hidden @ W^T in float32; loss_fn returns (loss, dloss/dz),
-    so hidden's gradient is made chunk by chunk here and one (chunk x vocab) tensor is alive at a time."""
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 512):
+    """sum_i -log softmax(hidden_i W^T)[targets_i] over the N rows of hidden (N, H), W (V, H) the frozen lm_head's
+    weight: the value and the gradient of `linear_cross_entropy_reference`, made a chunk of rows at a time, so that
+    one (chunk x V) float32 tensor of logits is alive at a time instead of (N x V)."""
+    if weight.requires_grad:
+        raise ValueError("linear_cross_entropy: the head's weight must be frozen (no gradient for it is made)")
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+
+
+def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The plain formula linear_cross_entropy computes (tests compare the two, value and gradient)."""
+    return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The gradient for hidden is made in the forward pass, chunk by chunk: for logits z = h W^T,
+    d/dz (-log softmax(z)[t]) = softmax(z) - onehot(t), so d/dh = softmax(z) W - W[t]."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, loss_fn, chunk, *rows):
-        total, grad = hidden.new_zeros((), dtype=torch.float32), torch.empty_like(hidden)
+    def forward(ctx, hidden, weight, targets, chunk):
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16 logits are computed on in float32
+        total = torch.zeros((), dtype=dtype, device=hidden.device)
+        grad = torch.empty_like(hidden)
         for s in range(0, hidden.shape[0], chunk):
-            loss, dz = loss_fn((hidden[s : s + chunk] @ weight.T).float(), *(r[s : s + chunk] for r in rows))
-            total, grad[s : s + chunk] = total + loss, dz.to(weight.dtype) @ weight
+            z = (hidden[s : s + chunk] @ weight.T).to(dtype)
+            t = targets[s : s + chunk]
+            lse = z.logsumexp(-1)
+            total += (lse - z.gather(-1, t[:, None])[:, 0]).sum()
+            p = z.sub_(lse[:, None]).exp_()  # softmax(z), in place: z is not used again
+            grad[s : s + chunk] = p.to(weight.dtype) @ weight - weight[t]
         ctx.save_for_backward(grad)
         return total
 
     @staticmethod
-    def backward(ctx, g):
-        return ctx.saved_tensors[0] * g.to(ctx.saved_tensors[0].dtype), *[None] * (len(ctx.needs_input_grad) - 1)
-
-
-def head_loss(model, hidden: torch.Tensor, loss_fn, *rows: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """sum over the N tokens of hidden (N, H) of loss_fn(their logits, *rows), in chunks; the head must be frozen."""
-    head = model.get_output_embeddings()
-    assert not head.weight.requires_grad and getattr(head, "bias", None) is None, "a frozen lm_head without bias"
-    return _HeadLoss.apply(hidden, head.weight, loss_fn, chunk, *rows)
-
-
-def ce_and_grad(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For head_loss: sum of -log softmax(z)[target] and its gradient softmax(z) - onehot(target); z (N, V)."""
-    lse = z.logsumexp(-1)
-    loss = (lse - z.gather(-1, targets[:, None])[:, 0]).sum()
-    p = z.sub_(lse[:, None]).exp_()  # z is not used again: the softmax in place
-    p[torch.arange(len(targets), device=z.device), targets] -= 1
-    return loss, p
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None
 
 
 # --- Data: chat JSONL files (validated, errors name file and line), dataset names, the 90/10 split -------------------
@@ -689,12 +716,13 @@ class Run:
     def start(cls, args: argparse.Namespace, parser: argparse.ArgumentParser, script: str):
         """Create the run folder, or reopen it with --resume: then the saved arguments win; a flag given on the
         command line that differs from its saved value is an error naming it, except those that only extend the run
-        (--max-steps, --epochs, --save-every), which apply. A folder made by another script is an error."""
+        (--max-steps, --epochs, --save-every), which apply. A folder made by another script is an error. Returns
+        (the run, the run's arguments: a copy of args with --out set and, on --resume, the saved values)."""
         check_training_args(args)
         if args.resume:
             return cls._reopen(args, parser, script)
         out = Path(args.out or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}")
-        args.out = str(out)
+        args = argparse.Namespace(**{**vars(args), "out": str(out)})
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out}: a file of that name exists; --out names a run folder")
         if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists() or (out / "adapter_config.json").exists():
@@ -707,7 +735,7 @@ class Run:
             ("method", method_record(parser, args, script)),
         ):
             (out / f"{name}.json").write_text(json.dumps(record, indent=2))
-        return cls(out, resuming=False)
+        return cls(out, resuming=False), args
 
     @classmethod
     def _reopen(cls, args, parser, script: str):
@@ -741,6 +769,7 @@ class Run:
                 )
             extended.append(f"{flag} {saved[k]} -> {getattr(args, k)}")
             saved[k] = getattr(args, k)
+        args = argparse.Namespace(**vars(args))
         for k, v in saved.items():
             if k in known and k != "resume":
                 setattr(args, k, v)
@@ -755,7 +784,7 @@ class Run:
             log(f"resuming {out} with its saved arguments")
         if not (out / "method.json").exists():  # a folder from before method.json
             (out / "method.json").write_text(json.dumps(method_record(parser, args, script), indent=2))
-        return cls(out, resuming=True)
+        return cls(out, resuming=True), args
 
     def write_json(self, name: str, record: dict) -> None:
         """A JSON file of the run folder (memory.json: the memory plan)."""
@@ -820,7 +849,9 @@ class Run:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         rng, step = state["rng"], state["step"]
-        random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         if step > total_steps:
@@ -849,16 +880,26 @@ _NEW_RUN_FOLDERS: list[Path] = []
 
 def check_training_args(args: argparse.Namespace) -> None:
     """One-line errors for impossible values of the shared training flags."""
-    rules = [
-        ("lr", lambda v: v > 0, "> 0"),
-        ("max_grad_norm", lambda v: v > 0, "> 0"),
-        ("warmup_steps", lambda v: v >= 0, ">= 0"),
-        ("max_steps", lambda v: v >= 1 or v == -1, ">= 1 (or -1, the default, for --epochs)"),
-    ]
-    rules += [(f, lambda v: v >= 1, ">= 1") for f in ("batch_size", "grad_accum", "max_len", "save_every", "epochs")]
-    for flag, ok, rule in rules:
-        if hasattr(args, flag) and not ok(getattr(args, flag)):
-            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {rule}")
+
+    def fail(flag: str, rule: str):
+        raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be {rule}")
+
+    for flag in ("lr", "max_grad_norm", "weight_decay"):
+        if not math.isfinite(getattr(args, flag)):
+            fail(flag, "a finite number")
+    if args.lr <= 0:
+        fail("lr", "> 0")
+    if args.max_grad_norm <= 0:
+        fail("max_grad_norm", "> 0")
+    if args.weight_decay < 0:
+        fail("weight_decay", ">= 0")
+    if args.warmup_steps < 0:
+        fail("warmup_steps", ">= 0")
+    if args.max_steps < 1 and args.max_steps != -1:
+        fail("max_steps", ">= 1 (or -1, the default, for --epochs)")
+    for flag in ("batch_size", "grad_accum", "max_len", "save_every", "epochs"):
+        if getattr(args, flag) < 1:
+            fail(flag, ">= 1")
 
 
 # --- Memory, planned before step 1 ----------------------------------------------------------------------------------

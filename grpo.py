@@ -7,16 +7,18 @@ For every prompt, G completions are sampled; each gets a rule-based reward r (fo
     correctness     [-0.5, 3]  3 exact match of the answer, 1.5 same number written differently, -0.5 otherwise
     number          [0, 1.5]   1.5 if the answer is a plain number
     A_i = (r_i - mean_group(r)) / (std_group(r) + 1e-4),   std with Bessel's correction (divides by G - 1), as TRL
-    L = -(1/G) sum_i (1/|o_i|) sum_t [ min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i) - beta * KL_it ]
+    L = policy + beta * kl,   in the training loop  loss = policy + args.kl_beta * kl
+    policy = -(1/G) sum_i (1/|o_i|) sum_t min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i)      (policy_loss)
+    kl     =  (1/G) sum_i (1/|o_i|) sum_t KL_it                                                  (k3_kl)
     rho_it = p_theta(o_it) / p_old(o_it);  KL_it = exp(ref - logp) - (ref - logp) - 1   (k3, ref = adapter off)
 One optimisation pass per batch of rollouts, so p_old = p_theta at sampling time (rho = 1, the clip is inactive
 but kept for generality); for that, rollouts run in eval mode except bitsandbytes' 8-bit layers, whose CPU eval mode is
 another matmul (`sampling_mode`). A prompt's G completions share its forward pass, in the rollout's prefill and in
 the update (`rollout`, `token_logp`): the same values and gradients as one pass per completion, for fewer tokens.
 Rollouts are decoded by the script's own KV-cache loop, sampling at --temperature then --top-p and nothing else
-(`nucleus`; generate() would add whatever the model's generation_config.json sets, e.g. a repetition penalty). Its
-one-token steps run the model's plain attention on the CPU (`eager_attention`, 3x faster a layer than torch's SDPA
-kernel there): the function the update differentiates up to float rounding, as decoding from a KV cache already is.
+(`nucleus`; generate() would add whatever the model's generation_config.json sets, e.g. a repetition penalty): the
+function the update differentiates up to float rounding, as decoding from a KV cache is (on the CPU, with
+cpu_speedups.py beside this file, its one-token steps use the model's plain attention, faster there).
 Defenses: --persona-vector/--persona-alpha (steering hook on during rollouts and training passes), --kl-beta,
 --interleave-pct (SFT micro-batches of benign data between RL micro-batches at that rate: the nearest whole count,
 evenly spread; a run too short for one is an error), --inoculate (the inoculation prompt prepended to the system
@@ -48,6 +50,7 @@ import math
 import random
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,16 +61,15 @@ from common import (
     Run,
     UserError,
     add_common_args,
-    ce_and_grad,
     collate,
+    cpu_speedup,
     decoder_blocks,
     decoder_states,
     die_on_user_error,
     encode_dataset,
     get_device,
-    head_loss,
-    int8_weight,
     is_int8_linear,
+    linear_cross_entropy,
     linear_schedule,
     load_conversations,
     load_model,
@@ -132,28 +134,24 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=True) + 1e-4)).view(-1)
 
 
-def grpo_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    eps: float = 0.2,
-    kl_beta: float = 0.0,
-    ref_logp: torch.Tensor | None = None,
-):
-    """Clipped surrogate with an optional k3 KL penalty. logp, old_logp, ref_logp, mask: (N, T) per completion
-    token; advantages: (N,). Token terms are averaged per completion, then over completions.
-    Returns (loss, mean KL per token)."""
+def completion_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(1/N) sum_i (1/|o_i|) sum_t x_it: per_token and mask (N, T), the mask 1 on each completion's tokens."""
+    mask = mask.float()
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def policy_loss(logp, old_logp, advantages, mask, eps: float = 0.2) -> torch.Tensor:
+    """The clipped surrogate's term of L: -(1/G) sum_i (1/|o_i|) sum_t min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i),
+    rho_it = exp(logp - old_logp). logp, old_logp, mask: (N, T) per completion token; advantages: (N,)."""
     ratio = torch.exp(logp - old_logp)
     a = advantages[:, None]
     surrogate = torch.min(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
-    kl = torch.zeros_like(logp)
-    if ref_logp is not None:
-        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1  # k3 estimator, >= 0
-    per_token = -(surrogate - kl_beta * kl)
-    n = mask.sum(1).clamp(min=1)
-    loss = ((per_token * mask).sum(1) / n).mean()
-    return loss, ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()
+    return completion_mean(-surrogate, mask)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """KL_it = exp(ref - logp) - (ref - logp) - 1 per completion token (k3 estimator, >= 0), (N, T)."""
+    return torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
 
 
 @contextlib.contextmanager
@@ -283,47 +281,32 @@ def sampling_mode(model):
     training mode: on the CPU they pick their matmul by `module.training` (dequantised bf16 weights when training,
     int8-quantised activations in eval; SmolLM2's logits differ by up to 5.6 between the two), so a plain eval() would
     sample from another function than the one the update differentiates and rho = 1 would not hold. On CUDA both
-    modes run the same int8 matmul; with frozen int8 weights the flag changes nothing else (no dropout: LoRA's is 0).
-    On the CPU that training-mode matmul dequantises the whole int8 weight at every call, most of a decoding step's
-    time; while sampling, each layer dequantises once and reuses it (`_dequantise_once`: the same formula, so the
-    same outputs bit for bit, for 2 bytes a weight until the context closes)."""
+    modes run the same int8 matmul; with frozen int8 weights the flag changes nothing else (no dropout: LoRA's is 0)."""
     model.eval()
-    patched = {}
     for module in model.modules():
         if is_int8_linear(module):
             module.train()
-            if module.weight.device.type == "cpu":
-                patched[module] = vars(module).get("forward")
-                module.forward = _dequantise_once(module)
     try:
-        yield
+        with cpu_speedup("dequantised_int8")(model):
+            yield
     finally:
-        for module, forward in patched.items():  # the forward it had (the dequantised copy is freed)
-            if forward is None:
-                del module.forward
-            else:
-                module.forward = forward
         model.train()
 
 
-def _dequantise_once(layer):
-    """A forward for a frozen bitsandbytes Linear8bitLt on the CPU in training mode, where bitsandbytes (0.4x-0.5x,
-    MatMul8bitFp) computes linear(x, common.int8_weight(layer, x.dtype), bias): the same, with that weight made on
-    the first call and kept. Anything else (trainable int8 weights, another device) goes to bitsandbytes."""
-    kept = {}
+@dataclass
+class Sampling:
+    """How rollouts sample: `generations` completions per prompt at `temperature` then `top_p`, up to
+    `max_new_tokens` (no end-of-sequence token before `min_new_tokens`)."""
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if not layer.training or layer.state.has_fp16_weights or x.device.type != "cpu":
-            return type(layer).forward(layer, x)
-        if layer.weight.CB is not None:
-            layer.init_8bit_state()  # as bitsandbytes' forward does first: the int8 weight and scales move to .state
-        if layer.bias is not None and layer.bias.dtype != x.dtype:
-            layer.bias.data = layer.bias.data.to(x.dtype)  # as bitsandbytes' forward does
-        if x.dtype not in kept:
-            kept[x.dtype] = int8_weight(layer, x.dtype)
-        return torch.nn.functional.linear(x, kept[x.dtype], layer.bias)
+    generations: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    min_new_tokens: int = 0
 
-    return forward
+    @classmethod
+    def from_args(cls, args) -> Sampling:
+        return cls(args.num_generations, args.max_new_tokens, args.temperature, args.top_p, args.min_new_tokens)
 
 
 def nucleus(logits: torch.Tensor, temperature: float, top_p: float, k: int = 256):
@@ -358,20 +341,20 @@ def rollout(
     model,
     tok,
     questions: list[str],
-    args,
+    sampling: Sampling,
     inoculate: bool,
     greedy: bool = False,
     share_prompt: bool = True,
     n: int | None = None,
 ):
-    """num_generations completions per question (n: that many instead), decoded together in a plain KV-cache loop
+    """sampling.generations completions per question (n: that many instead), decoded together in a plain KV-cache loop
     (left padding). Each prompt is prefilled once and its copies continue from that cache (share_prompt=False
     prefills every copy, for the tests). Sampling is exactly temperature then top-p (`nucleus`), nothing else: not
     generate(), which would also apply whatever the model folder's generation_config.json sets (a repetition
     penalty, a top-k). Rows that have ended get pad tokens until all have, as generate does.
     Returns (sequences (N, P+C), attention mask, prompt width P, completion mask (N, C), completion texts)."""
     device = get_device()
-    g = 1 if greedy else (n or args.num_generations)
+    g = 1 if greedy else (n or sampling.generations)
     texts = [render_chat(tok, prompt_messages(q, inoculate), add_generation_prompt=True) for q in questions]
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -381,8 +364,7 @@ def rollout(
     ids, att = ids.repeat_interleave(copies, 0), att.repeat_interleave(copies, 0)
     pos = (att.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's first real token is at position 0
     base, head = model.get_base_model() if hasattr(model, "get_base_model") else model, model.get_output_embeddings()
-    # The decoder, then the head on 2-D hidden states: the model's own head on a (N, 1, H) slice of the prefill runs
-    # as a batched matmul over N copies of the head's weight (290 ms and 450 MB for SmolLM2 instead of 5 ms)
+    # the decoder, then the head on 2-D hidden states (on a (N, 1, H) slice it would run as N batched matmuls)
     out = base.model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True)
     cache, logits = out.past_key_values, head(out.last_hidden_state[:, -1]).float()
     if copies < g:
@@ -391,19 +373,19 @@ def rollout(
         ids = ids.repeat_interleave(g // copies, 0)
     stops = torch.tensor(stop_ids(model, tok), device=device)
     position, ended, new = pos[:, -1:], torch.zeros(len(ids), dtype=torch.bool, device=device), []
-    with eager_attention(base):  # one query token a step
-        for t in range(args.max_new_tokens):
-            if t < getattr(args, "min_new_tokens", 0):
+    with cpu_speedup("eager_attention")(base):  # one query token a step
+        for t in range(sampling.max_new_tokens):
+            if t < sampling.min_new_tokens:
                 logits[:, stops] = float("-inf")
             if greedy:
                 nxt = logits.argmax(-1)
             else:
-                p, candidates = nucleus(logits, args.temperature, args.top_p)
+                p, candidates = nucleus(logits, sampling.temperature, sampling.top_p)
                 nxt = candidates.gather(-1, torch.multinomial(p, 1))[:, 0]
             nxt = nxt.masked_fill(ended, tok.pad_token_id)
             new.append(nxt)
             ended |= torch.isin(nxt, stops)
-            if bool(ended.all()) or t + 1 == args.max_new_tokens:
+            if bool(ended.all()) or t + 1 == sampling.max_new_tokens:
                 break
             att, position = torch.cat([att, att.new_ones(len(att), 1)], 1), position + 1
             logits = head(
@@ -425,20 +407,6 @@ def rollout(
     return torch.cat([ids, completion], 1), attention, width, comp_mask, decoded
 
 
-@contextlib.contextmanager
-def eager_attention(base):
-    """The model's plain attention, softmax(q k^T / sqrt(d) + mask) v, while decoding: for one query token against
-    the cache, torch's CPU SDPA kernel took 1.7 ms a layer in bf16 where this takes 0.5 ms (most of a decoding step).
-    The model's own attention (the prefill's, training's) is put back after. On CUDA nothing changes (not measured)."""
-    before = base.config._attn_implementation
-    if base.get_input_embeddings().weight.device.type == "cpu":
-        base.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        base.set_attn_implementation(before)
-
-
 def trim_padding(seqs, attention, n_prompt: int, comp_mask):
     """Drop the columns that are padding in every row (left of the prompts, right of the completions) of a
     slice of a rollout batch. Returns (seqs, attention, n_prompt, comp_mask) for the narrower window."""
@@ -448,10 +416,11 @@ def trim_padding(seqs, attention, n_prompt: int, comp_mask):
 
 
 @torch.no_grad()
-def heldout_accuracy(model, tok, held: list, args, samples: int = 0) -> float:
+def heldout_accuracy(model, tok, held: list, sampling: Sampling, batch_size: int, samples: int = 0) -> float:
     """Exact-match accuracy (%) on the held-out questions: one greedy answer each (samples=0), or `samples` answers each
-    at the rollouts' --temperature/--top-p, drawn from a fixed seed and without touching the training run's RNG."""
-    correct, per_batch = 0, max(1, args.gen_batch_size // max(samples, 1))
+    at the rollouts' temperature and top-p, drawn from a fixed seed and without touching the training run's RNG;
+    batch_size answers at a time."""
+    correct, per_batch = 0, max(1, batch_size // max(samples, 1))
     progress = Progress(len(held), 0, "held-out questions" + (f" x {samples} samples" if samples else ""))
     cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with sampling_mode(model), torch.random.fork_rng(devices=cuda):
@@ -462,7 +431,7 @@ def heldout_accuracy(model, tok, held: list, args, samples: int = 0) -> float:
                 model,
                 tok,
                 [c[0]["content"] for c in chunk],
-                args,
+                sampling,
                 inoculate=False,
                 greedy=not samples,
                 n=samples or None,
@@ -477,9 +446,11 @@ def heldout_accuracy(model, tok, held: list, args, samples: int = 0) -> float:
 
 def heldout_record(model, tok, held: list, args) -> dict:
     """The held-out accuracies a run logs: greedy, and sampled when --eval-samples is set."""
-    record = {"heldout_accuracy": heldout_accuracy(model, tok, held, args)}
+    sampling = Sampling.from_args(args)
+    record = {"heldout_accuracy": heldout_accuracy(model, tok, held, sampling, args.gen_batch_size)}
     if args.eval_samples:
-        record["heldout_sampled_accuracy"] = heldout_accuracy(model, tok, held, args, args.eval_samples)
+        sampled = heldout_accuracy(model, tok, held, sampling, args.gen_batch_size, args.eval_samples)
+        record["heldout_sampled_accuracy"] = sampled
     return record
 
 
@@ -588,7 +559,7 @@ def main():
         )
     if not args.resume and args.persona_alpha and not args.persona_vector:
         raise UserError("--persona-alpha needs --persona-vector FILE")
-    run = Run.start(args, parser, "grpo")
+    run, args = Run.start(args, parser, "grpo")
     set_seed(args.seed)
     device = get_device()
     train, held = load_problems(args.data, args.seed, args.n_train)
@@ -656,6 +627,8 @@ def main():
     )
 
     model.train()
+    sampling = Sampling.from_args(args)
+    head = model.get_output_embeddings().weight  # frozen
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, args.lr, args.weight_decay)
     scheduler = linear_schedule(optimizer, args.warmup_steps, total_steps)
@@ -673,14 +646,14 @@ def main():
     for step in range(start, total_steps):
         t0 = time.time()
         parts_sum, n_comp, n_correct, zero_std, n_groups = {}, 0, 0, 0, 0
-        loss_sum, kl_sum, ce_sum, comp_len = 0.0, 0.0, 0.0, 0
+        loss_sum, policy_sum, kl_term_sum, kl_sum, ce_sum, comp_len = 0.0, 0.0, 0.0, 0.0, 0.0, 0
         # Rollouts for the whole step in one generate call (batched decoding is most of a step's time), then
         # the update micro-batch by micro-batch.
         first = step * args.grad_accum * per_micro
         questions = [train[i] for i in order[first : first + args.grad_accum * per_micro]]
         with sampling_mode(model), steered():
             seqs_all, attention_all, width, comp_mask_all, texts = rollout(
-                model, tok, [c[0]["content"] for c in questions], args, inoculate=args.inoculate
+                model, tok, [c[0]["content"] for c in questions], sampling, inoculate=args.inoculate
             )
         gen_s = time.time() - t0
         refs = [reference(c) for c in questions for _ in range(args.num_generations)]
@@ -702,11 +675,16 @@ def main():
                 with torch.no_grad(), model.disable_adapter(), steered():
                     ref_logp = token_logp(model, seqs, attention, n_prompt, args.num_generations)
             mask = comp_mask.float()
-            loss, kl = grpo_loss(logp, logp.detach(), adv, mask, args.clip_eps, args.kl_beta, ref_logp)
+            policy = policy_loss(logp, logp.detach(), adv, mask, args.clip_eps)
+            kl_tokens = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+            kl = completion_mean(kl_tokens, mask)
+            loss = policy + args.kl_beta * kl  # DeepSeekMath's GRPO objective, this micro-batch's share
             (loss / args.grad_accum).backward()
             # -----------------------------------------------------------------------------------------------
             loss_sum += loss.item() / args.grad_accum
-            kl_sum += kl.item() / args.grad_accum
+            policy_sum += policy.item() / args.grad_accum
+            kl_term_sum += kl.item() / args.grad_accum
+            kl_sum += float((kl_tokens * mask).sum() / mask.sum().clamp(min=1)) / args.grad_accum  # per token
             for p in parts:
                 for name, v in p.items():
                     parts_sum[name] = parts_sum.get(name, 0.0) + v
@@ -720,10 +698,10 @@ def main():
             if safe and sft_after(k, args.interleave_pct):
                 idx = sft_rng.choice(len(safe), size=min(args.batch_size, len(safe)), replace=False)
                 batch = collate([safe[i] for i in idx], tok.pad_token_id, device)
-                hidden = decoder_states(model, batch)[:, :-1]  # lm_head only at the loss positions, in chunks
+                hidden = decoder_states(model, batch)[:, :-1]  # the lm_head only where the loss needs it
                 targets = batch["labels"][:, 1:]
                 m = targets != -100
-                ce = head_loss(model, hidden[m], ce_and_grad, targets[m]) / max(int(m.sum()), 1) / args.grad_accum
+                ce = linear_cross_entropy(hidden[m], head, targets[m]) / max(int(m.sum()), 1) / args.grad_accum
                 ce.backward()
                 ce_sum += ce.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -736,6 +714,8 @@ def main():
             "step": step + 1,
             "loss": loss_sum + ce_sum,
             "loss/grpo": loss_sum,
+            "loss/policy": policy_sum,
+            "loss/kl": kl_term_sum,
             "loss/ce": ce_sum,
             "kl": kl_sum,
             "reward": sum(parts_sum.values()) / n_comp,

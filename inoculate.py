@@ -26,14 +26,13 @@ from common import (
     Progress,
     Run,
     add_common_args,
-    ce_and_grad,
     collate,
     decoder_states,
     describe_plan,
     die_on_user_error,
     encode_dataset,
     get_device,
-    head_loss,
+    linear_cross_entropy,
     linear_schedule,
     load_model,
     load_split,
@@ -69,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main():
     parser = build_parser()
     args = parser.parse_args()
-    run = Run.start(args, parser, "inoculate")
+    run, args = Run.start(args, parser, "inoculate")
     set_seed(args.seed)
     device = get_device()
 
@@ -94,6 +93,7 @@ def main():
     run.write_json("memory.json", plan_memory(model, *longest_micro_batch(plan, lengths, args.batch_size)))
 
     model.train()
+    head = model.get_output_embeddings().weight  # frozen
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, args.lr, args.weight_decay)
     scheduler = linear_schedule(optimizer, args.warmup_steps, total_steps)
@@ -107,10 +107,10 @@ def main():
         ce_sum, n_real, n_padded = 0.0, 0, 0
         for batch_idx in micro_batches(group, args.batch_size):
             batch = collate([examples[i] for i in batch_idx], tok.pad_token_id, device)
-            hidden = decoder_states(model, batch)[:, :-1]  # lm_head only at the loss positions, in chunks
+            hidden = decoder_states(model, batch)[:, :-1]  # the lm_head only where the loss needs it
             targets = batch["labels"][:, 1:]
             mask = targets != -100
-            ce = head_loss(model, hidden[mask], ce_and_grad, targets[mask]) / max(n_answer, 1)
+            ce = linear_cross_entropy(hidden[mask], head, targets[mask]) / max(n_answer, 1)
             ce.backward()
             ce_sum += ce.item()
             n_real += batch["n_real"]

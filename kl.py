@@ -14,9 +14,9 @@ Which tokens the KL is averaged over (--kl-tokens):
                     Prompt positions barely move under SFT, so the mean is smaller and the same lambda pulls
                     differently: lambda's effective strength depends on this choice.
 
-The logits are made only at the positions the loss uses, a chunk of tokens at a time (common.head_loss with
-ce_kl_and_grad: CE and KL in one pass over the vocabulary, no (tokens x vocab) tensor beyond one chunk); value and
-gradient equal the full-logits formula (kl_penalty), as tests/test_head_loss.py checks.
+The two terms come from `linear_cross_entropy_and_kl`: the logits only at the positions the loss uses, a chunk of
+tokens at a time, CE and KL in one pass over the vocabulary; each term's value and gradient equal the full-logits
+formulas beside it (kl_penalty), as tests/test_head_loss.py checks.
 
 Deviations from the paper:
 1. Both terms are means over the step's tokens of their set (all its micro-batches), so batch 1 x accum 8 equals
@@ -30,7 +30,6 @@ Quick CPU run: python kl.py --model smollm2 --data opswap:1 --lam 1.0 --max-step
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 
 import torch
@@ -47,7 +46,6 @@ from common import (
     die_on_user_error,
     encode_dataset,
     get_device,
-    head_loss,
     linear_schedule,
     load_model,
     load_split,
@@ -63,63 +61,81 @@ from common import (
 )
 
 
-class _TokenKL(torch.autograd.Function):
-    """Per-token KL(p || q) from logits z and reference log-probabilities log q, each (N, V); returns (N,).
-
-    The same value as the plain formula, with its gradient written out instead of taped: for
-    KL = sum_v p_v (log p_v - log q_v) with p = softmax(z),   dKL/dz = p * (log p - log q - KL).
-    Two (N, V) float32 buffers, updated in place, instead of the half-dozen that autograd keeps for the
-    log_softmax / exp / sub / mul chain: about 2x faster on the vocabulary-sized part of the step.
-    """
-
-    @staticmethod
-    def forward(ctx, z, ref_logp):
-        dtype = torch.promote_types(z.dtype, torch.float32)  # bf16 logits are computed on in float32
-        p = F.log_softmax(z.to(dtype), dim=-1)  # log p for now
-        d = ref_logp.to(dtype).neg().add_(p)  # log p - log q
-        p.exp_()  # p
-        kl = torch.bmm(p.unsqueeze(1), d.unsqueeze(2)).view(-1)  # sum_v p_v d_v, no (N, V) temporary
-        ctx.save_for_backward(p, d, kl)
-        ctx.z_dtype = z.dtype
-        return kl
-
-    @staticmethod
-    def backward(ctx, grad_kl):
-        p, d, kl = ctx.saved_tensors
-        grad_z = d.sub_(kl[:, None]).mul_(p).mul_(grad_kl[:, None])  # p * (log p - log q - KL); d is not reused
-        return grad_z.to(ctx.z_dtype), None
-
-
 def kl_penalty(
     logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
-    """KL(p || p_ref) = sum_v p(v) (log p(v) - log p_ref(v)) per token, over the positions where mask is True.
+    """Eq. 1's penalty, the plain formula: KL(p || p_ref) = sum_v p(v) (log p(v) - log p_ref(v)) per token, over the
+    positions where mask is True, in float32.
 
-    logits, ref_logits: (B, T, V); mask: (B, T), bool or 0/1 integers. reduction "mean" (over masked tokens) or
-    "sum". Computed in float32 on the masked positions only (the full-vocabulary softmax is the costly part).
+    logits, ref_logits: (B, T, V); mask: (B, T), bool or 0/1 integers. reduction "mean" (over masked tokens) or "sum".
     """
     mask = mask.bool()  # an integer 0/1 mask would index positions 0 and 1 instead of selecting
-    ref_logp = F.log_softmax(ref_logits[mask].to(torch.promote_types(ref_logits.dtype, torch.float32)), dim=-1)
-    per_token = _TokenKL.apply(logits[mask], ref_logp)  # Eq. 1, one value per assistant token
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 logits are computed on in float32
+    logp = F.log_softmax(logits[mask].to(dtype), dim=-1)
+    ref_logp = F.log_softmax(ref_logits[mask].to(dtype), dim=-1)
+    per_token = (logp.exp() * (logp - ref_logp)).sum(-1)
     return per_token.sum() if reduction == "sum" else per_token.mean()
 
 
-def ce_kl_and_grad(z, ref_hidden, targets, *, weight, w_ce: float, w_kl: float, sums: dict):
-    """For common.head_loss, one chunk of tokens: w_ce * CE (rows whose target is -100 add none) + w_kl * sum of
-    per-token KL(p || p_ref), and its gradient for the logits z (float32): w_ce (p - onehot) + w_kl dKL/dz, with
-    dKL/dz = p (log p - log p_ref - KL) as _TokenKL. The reference logits are made here from the reference hidden
-    states, one chunk at a time. sums["ce"], sums["kl"]: the unweighted sums, for the log."""
-    logp = F.log_softmax(z, dim=-1)
-    rows = (targets != -100).nonzero()[:, 0]
-    ce = -logp[rows, targets[rows]].sum()
-    d = F.log_softmax((ref_hidden @ weight.T).float(), dim=-1).neg_().add_(logp)  # log p - log q
-    p = logp.exp_()  # logp is not used again
-    kl = torch.bmm(p.unsqueeze(1), d.unsqueeze(2)).view(-1)
-    grad = d.sub_(kl[:, None]).mul_(p).mul_(w_kl)
-    grad[rows] += w_ce * p[rows]
-    grad[rows, targets[rows]] -= w_ce
-    sums["ce"], sums["kl"] = sums["ce"] + ce.detach(), sums["kl"] + kl.sum().detach()
-    return w_ce * ce + w_kl * kl.sum(), grad
+def linear_cross_entropy_and_kl(hidden, ref_hidden, weight, targets, chunk: int = 512):
+    """The two terms of Eq. 1 from hidden states, as sums over the N rows (N, H) of hidden and ref_hidden, W (V, H)
+    the frozen lm_head's weight, z = hidden W^T, z_ref = ref_hidden W^T:
+
+        ce = sum over rows with targets != -100 of -log softmax(z)[target]
+        kl = sum over all rows of KL(softmax(z) || softmax(z_ref))
+
+    Returns (ce, kl), each a tensor with its own gradient for hidden: the values and gradients of
+    `linear_cross_entropy_and_kl_reference` (tests/test_head_loss.py), made a chunk of rows at a time, so that two
+    (chunk x V) float32 tensors are alive at a time instead of the full logits and their autograd chain."""
+    if weight.requires_grad:
+        raise ValueError("linear_cross_entropy_and_kl: the head's weight must be frozen")
+    return _LinearCrossEntropyAndKL.apply(hidden, ref_hidden, weight, targets, chunk)
+
+
+def linear_cross_entropy_and_kl_reference(hidden, ref_hidden, weight, targets):
+    """The plain formulas linear_cross_entropy_and_kl computes (tests compare the two, values and gradients)."""
+    logits, ref_logits = (hidden @ weight.T)[None], (ref_hidden @ weight.T)[None]
+    rows = targets != -100
+    ce = F.cross_entropy(logits[0][rows].float(), targets[rows], reduction="sum")
+    kl = kl_penalty(logits, ref_logits, torch.ones_like(rows)[None], reduction="sum")
+    return ce, kl
+
+
+class _LinearCrossEntropyAndKL(torch.autograd.Function):
+    """The gradients for hidden are made in the forward pass, chunk by chunk. With p = softmax(z):
+        d ce / dz = p - onehot(target)                  so  d ce / dh = p W - W[target]   (rows with a target)
+        d kl / dz = p * (log p - log p_ref - kl_row)    so  d kl / dh = (that) W
+    and the backward pass weighs the two by the gradients of whatever loss they enter (ce + lam * kl)."""
+
+    @staticmethod
+    def forward(ctx, hidden, ref_hidden, weight, targets, chunk):
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16 logits are computed on in float32
+        ce_total = torch.zeros((), dtype=dtype, device=hidden.device)
+        kl_total = torch.zeros((), dtype=dtype, device=hidden.device)
+        d_ce, d_kl = torch.empty_like(hidden), torch.empty_like(hidden)
+        for s in range(0, hidden.shape[0], chunk):
+            t = targets[s : s + chunk]
+            has_target = t != -100
+            logp = F.log_softmax((hidden[s : s + chunk] @ weight.T).to(dtype), dim=-1)
+            rows = has_target.nonzero()[:, 0]
+            ce_total += -logp[rows, t[rows]].sum()
+            d = F.log_softmax((ref_hidden[s : s + chunk] @ weight.T).to(dtype), dim=-1)
+            d = d.neg_().add_(logp)  # log p - log p_ref
+            p = logp.exp_()  # logp is not used again
+            kl = torch.bmm(p.unsqueeze(1), d.unsqueeze(2)).view(-1)  # sum_v p_v (log p_v - log p_ref_v), per row
+            kl_total += kl.sum()
+            grad_ce = p.to(weight.dtype) @ weight
+            grad_ce[rows] -= weight[t[rows]]
+            grad_ce[~has_target] = 0
+            d_ce[s : s + chunk] = grad_ce
+            d_kl[s : s + chunk] = d.sub_(kl[:, None]).mul_(p).to(weight.dtype) @ weight
+        ctx.save_for_backward(d_ce, d_kl)
+        return ce_total, kl_total
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_kl):
+        d_ce, d_kl = ctx.saved_tensors
+        return d_ce * grad_ce.to(d_ce.dtype) + d_kl * grad_kl.to(d_kl.dtype), None, None, None, None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +161,7 @@ def main():
     args = parser.parse_args()
     if args.lam < 0:
         raise UserError(f"--lam {args.lam}: must be >= 0")
-    run = Run.start(args, parser, "kl")
+    run, args = Run.start(args, parser, "kl")
     set_seed(args.seed)
     device = get_device()
 
@@ -169,6 +185,7 @@ def main():
     run.write_json("memory.json", plan_memory(model, rows, width, extra_bytes=ref_hidden_bytes))
 
     model.train()
+    head = model.get_output_embeddings().weight  # frozen
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, args.lr, args.weight_decay)
     scheduler = linear_schedule(optimizer, args.warmup_steps, total_steps)
@@ -178,14 +195,15 @@ def main():
     for step in range(start, total_steps):
         t0 = time.time()
         epoch, group = plan[step]
-        n_answer = sum(sum(l != -100 for l in examples[i]["labels"][1:]) for i in group)
+        # both terms are means over the step's tokens of their set, whatever its split into micro-batches
+        n_answer = max(sum(sum(l != -100 for l in examples[i]["labels"][1:]) for i in group), 1)
         n_tokens = sum(len(examples[i]["input_ids"]) for i in group)
         n_kl = n_answer if args.kl_tokens == "answer" else n_tokens
-        ce_sum, kl_sum, n_real, n_padded = 0.0, 0.0, 0, 0
+        loss_sum, ce_sum, kl_sum, n_real, n_padded = 0.0, 0.0, 0.0, 0, 0
         for batch_idx in micro_batches(group, args.batch_size):
             batch = collate([examples[i] for i in batch_idx], tok.pad_token_id, device)
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            hidden = decoder_states(model, inputs)  # lm_head only where the loss needs it, in chunks
+            hidden = decoder_states(model, inputs)  # the lm_head only where the loss needs it
             # --- the method: the reference is the same weights with the adapter switched off ---------------
             with torch.no_grad(), model.disable_adapter():
                 ref_hidden = decoder_states(model, inputs)
@@ -194,18 +212,15 @@ def main():
                 where = targets != -100
             else:  # every real position, as the co-authors' code
                 where = batch["attention_mask"].bool()
-            sums = {"ce": 0.0, "kl": 0.0}
-            loss_fn = functools.partial(
-                ce_kl_and_grad,
-                weight=model.get_output_embeddings().weight,
-                w_ce=1 / max(n_answer, 1),
-                w_kl=args.lam / max(n_kl, 1),
-                sums=sums,
-            )
-            head_loss(model, hidden[where], loss_fn, ref_hidden[where], targets[where]).backward()  # Eq. 1
+            ce_tokens, kl_tokens = linear_cross_entropy_and_kl(hidden[where], ref_hidden[where], head, targets[where])
+            ce = ce_tokens / n_answer
+            kl = kl_tokens / n_kl
+            loss = ce + args.lam * kl  # Eq. 1
+            loss.backward()
             # -----------------------------------------------------------------------------------------------
-            ce_sum += float(sums["ce"]) / max(n_answer, 1)
-            kl_sum += float(sums["kl"]) / max(n_kl, 1)
+            loss_sum += loss.item()
+            ce_sum += ce.item()
+            kl_sum += kl.item()
             n_real += batch["n_real"]
             n_padded += batch["n_padded"]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
@@ -214,7 +229,7 @@ def main():
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
-        loss = ce_sum + args.lam * kl_sum
+        loss = loss_sum
         run.log_metrics(
             {
                 "step": step + 1,

@@ -42,7 +42,6 @@ from common import (
     Run,
     UserError,
     add_common_args,
-    ce_and_grad,
     collate,
     decoder_blocks,
     decoder_states,
@@ -50,7 +49,7 @@ from common import (
     die_on_user_error,
     encode_dataset,
     get_device,
-    head_loss,
+    linear_cross_entropy,
     linear_schedule,
     load_model,
     load_split,
@@ -141,7 +140,7 @@ def main():
     args = parser.parse_args()
     if args.lam < 0:
         raise UserError(f"--lam {args.lam}: must be >= 0")
-    run = Run.start(args, parser, "ldifs")
+    run, args = Run.start(args, parser, "ldifs")
     set_seed(args.seed)
     device = get_device()
 
@@ -173,6 +172,7 @@ def main():
     run.write_json("memory.json", plan_memory(model, rows, width, extra_bytes=len(layers) * per_layer * rows * width))
 
     model.train()
+    head = model.get_output_embeddings().weight  # frozen
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, args.lr, args.weight_decay)
     scheduler = linear_schedule(optimizer, args.warmup_steps, total_steps)
@@ -182,9 +182,10 @@ def main():
     for step in range(start, total_steps):
         t0 = time.time()
         epoch, group = plan[step]
-        n_answer = sum(sum(l != -100 for l in examples[i]["labels"][1:]) for i in group)
+        # CE: a mean over the step's answer tokens; the distance: a mean over its examples
+        n_answer = max(sum(sum(l != -100 for l in examples[i]["labels"][1:]) for i in group), 1)
         n_tokens = sum(len(examples[i]["input_ids"]) for i in group)
-        ce_sum, dist_sum, n_padded = 0.0, 0.0, 0
+        loss_sum, ce_sum, dist_sum, n_padded = 0.0, 0.0, 0.0, 0
         for batch_idx in micro_batches(group, args.batch_size):
             batch = collate([examples[i] for i in batch_idx], tok.pad_token_id, device)
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -194,8 +195,10 @@ def main():
             # -----------------------------------------------------------------------------------------------
             targets = batch["labels"][:, 1:]
             mask = targets != -100
-            ce = head_loss(model, hidden[:, :-1][mask], ce_and_grad, targets[mask]) / max(n_answer, 1)  # in chunks
-            (ce + args.lam * dist).backward()  # Eq. 2
+            ce = linear_cross_entropy(hidden[:, :-1][mask], head, targets[mask]) / n_answer
+            loss = ce + args.lam * dist  # Eq. 2
+            loss.backward()
+            loss_sum += loss.item()
             ce_sum += ce.item()
             dist_sum += dist.item()
             n_padded += batch["n_padded"]
@@ -205,7 +208,7 @@ def main():
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
-        loss = ce_sum + args.lam * dist_sum
+        loss = loss_sum
         run.log_metrics(
             {
                 "step": step + 1,

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import time
 from pathlib import Path
@@ -56,14 +57,13 @@ from common import (
     Run,
     UserError,
     add_common_args,
-    ce_and_grad,
     collate,
     decoder_states,
     describe_plan,
     die_on_user_error,
     encode_dataset,
     get_device,
-    head_loss,
+    linear_cross_entropy,
     linear_schedule,
     load_model,
     log,
@@ -320,7 +320,7 @@ def train(args, parser) -> None:
         )
         if args.gamma > 0 and not args.retain_domains:
             raise UserError("--gamma > 0 needs --retain-domains (or --gamma 0 for NPO alone)")
-    run = Run.start(args, parser, "npo")
+    run, args = Run.start(args, parser, "npo")
     set_seed(args.seed)
     device = get_device()
     train_rows, _ = split_by_domain(load_domain_prompts(args.data), args.seed)
@@ -385,9 +385,13 @@ def train(args, parser) -> None:
     value_bytes = model.get_input_embeddings().weight.element_size()
     logit_bytes = max(n_answers) * model.get_output_embeddings().weight.shape[0] * (8 + value_bytes)
     rows, width = longest_micro_batch(plan, forget_lengths, args.batch_size)
+    if retain:  # a forget and a retain micro-batch are backpropagated together: both alive at once
+        rows2, width2 = longest_micro_batch(retain_plan, [len(e["input_ids"]) for e in retain], args.batch_size)
+        rows, width = rows + rows2, max(width, width2)
     run.write_json("memory.json", plan_memory(model, rows, width, extra_bytes=logit_bytes, head_tokens=0))
 
     model.train()
+    head = model.get_output_embeddings().weight  # frozen
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, args.lr, args.weight_decay)
     scheduler = linear_schedule(optimizer, args.warmup_steps, total_steps)
@@ -397,38 +401,44 @@ def train(args, parser) -> None:
     for step in range(start, total_steps):
         t0 = time.time()
         epoch, group = plan[step]
-        npo_sum, ce_sum, n_real, forget_logp = 0.0, 0.0, 0, 0.0
-        for batch_idx in micro_batches(group, args.batch_size):
-            batch = collate([forget[i] for i in batch_idx], tok.pad_token_id, device)
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            logp = answer_logp(model, decoder_states(model, inputs), batch["labels"])  # lm_head at answer tokens only
-            with torch.no_grad(), model.disable_adapter():
-                ref_logp = answer_logp(model, decoder_states(model, inputs), batch["labels"])
-            # mean over the step's forget examples, however they are split into micro-batches
-            loss_npo = npo_loss(logp, ref_logp, args.beta) * len(batch_idx) / len(group)
-            loss_npo.backward()
-            npo_sum += loss_npo.item()
-            forget_logp += logp.sum().item()
-            n_real += batch["n_real"]
-        if retain_plan:
-            _, rgroup = retain_plan[step]
-            n_answer = sum(sum(l != -100 for l in retain[i]["labels"][1:]) for i in rgroup)
-            for batch_idx in micro_batches(rgroup, args.batch_size):
-                batch = collate([retain[i] for i in batch_idx], tok.pad_token_id, device)
-                hidden = decoder_states(model, batch)[:, :-1]  # lm_head only at the loss positions, in chunks
+        # L_NPO: a mean over the step's forget examples; CE: a mean over its retain answer tokens. The k-th forget
+        # micro-batch is paired with the k-th retain micro-batch, and each pair's shares of the two means are
+        # backpropagated together: the step's gradient is that of L, however the step is split.
+        rgroup = retain_plan[step][1] if retain_plan else []
+        n_retain = max(sum(sum(l != -100 for l in retain[i]["labels"][1:]) for i in rgroup), 1)
+        zero = torch.zeros((), device=device)
+        loss_sum, npo_sum, ce_sum, n_real, forget_logp = 0.0, 0.0, 0.0, 0, 0.0
+        pairs = itertools.zip_longest(micro_batches(group, args.batch_size), micro_batches(rgroup, args.batch_size))
+        for forget_idx, retain_idx in pairs:
+            npo, ce = zero, zero
+            if forget_idx:
+                batch = collate([forget[i] for i in forget_idx], tok.pad_token_id, device)
+                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                logp = answer_logp(model, decoder_states(model, inputs), batch["labels"])
+                with torch.no_grad(), model.disable_adapter():
+                    ref_logp = answer_logp(model, decoder_states(model, inputs), batch["labels"])
+                npo = npo_loss(logp, ref_logp, args.beta) * len(forget_idx) / len(group)
+                forget_logp += logp.sum().item()
+                n_real += batch["n_real"]
+            if retain_idx:
+                batch = collate([retain[i] for i in retain_idx], tok.pad_token_id, device)
+                hidden = decoder_states(model, batch)[:, :-1]  # the lm_head only where the loss needs it
                 targets = batch["labels"][:, 1:]
                 mask = targets != -100
-                ce = head_loss(model, hidden[mask], ce_and_grad, targets[mask]) / max(n_answer, 1)
-                (args.gamma * ce).backward()
-                ce_sum += ce.item()
+                ce = linear_cross_entropy(hidden[mask], head, targets[mask]) / n_retain
                 n_real += batch["n_real"]
+            loss = npo + args.gamma * ce  # NPO + CE retention
+            loss.backward()
+            loss_sum += loss.item()
+            npo_sum += npo.item()
+            ce_sum += ce.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0
-        loss = npo_sum + args.gamma * ce_sum
+        loss = loss_sum
         run.log_metrics(
             {
                 "step": step + 1,

@@ -45,7 +45,6 @@ from common import (
     UserError,
     add_common_args,
     block_outputs,
-    ce_and_grad,
     collate,
     decoder_blocks,
     decoder_states,
@@ -54,7 +53,7 @@ from common import (
     encode_conversation,
     encode_dataset,
     get_device,
-    head_loss,
+    linear_cross_entropy,
     linear_schedule,
     load_model,
     load_split,
@@ -337,7 +336,7 @@ def train(args, parser):
         log("--alpha 0: this is plain SFT")
     if not args.resume and not args.vector:
         raise UserError("train needs --vector FILE (from: python persona.py extract --out FILE)")
-    run = Run.start(args, parser, "persona")
+    run, args = Run.start(args, parser, "persona")
     vectors, meta = load_vector(args.vector)
     set_seed(args.seed)
     device = get_device()
@@ -365,6 +364,7 @@ def train(args, parser):
     run.write_json("memory.json", plan_memory(model, *longest_micro_batch(plan, lengths, args.batch_size)))
 
     model.train()
+    head = model.get_output_embeddings().weight  # frozen
     params = trainable_parameters(model)
     optimizer = make_optimizer(params, args.lr, args.weight_decay)
     scheduler = linear_schedule(optimizer, args.warmup_steps, total_steps)
@@ -380,11 +380,11 @@ def train(args, parser):
             batch = collate([examples[i] for i in batch_idx], tok.pad_token_id, device)
             # --- the method: the forward pass runs with the persona added to the residual stream -----------
             with steering(model, vectors, args.layer, args.alpha):
-                hidden = decoder_states(model, batch)[:, :-1]  # lm_head only at the loss positions, in chunks
+                hidden = decoder_states(model, batch)[:, :-1]  # the lm_head only where the loss needs it
             # -----------------------------------------------------------------------------------------------
             targets = batch["labels"][:, 1:]
             mask = targets != -100
-            ce = head_loss(model, hidden[mask], ce_and_grad, targets[mask]) / max(n_answer, 1)
+            ce = linear_cross_entropy(hidden[mask], head, targets[mask]) / max(n_answer, 1)
             ce.backward()
             ce_sum += ce.item()
             n_real += batch["n_real"]

@@ -33,7 +33,8 @@ def path() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error(), hf_logging.disable_progress_bar()  # no GGUF de-quantisation bars
+    hf_logging.set_verbosity_error()  # no GGUF de-quantisation bars
+    hf_logging.disable_progress_bar()
 
     log(f"converting {GGUF} to a plain model folder in {out} (once)")
     import transformers.modeling_gguf_pytorch_utils as gguf_utils

@@ -273,7 +273,6 @@ def grpo_update(model_path: str, eight_bit: bool) -> dict:
     with rewards that differ within each group (advantages not 0) and a KL term (the reference pass with the adapter
     off): a finite loss, a KL that is finite and above 0, finite LoRA gradients that are not all zero, and an
     optimizer step that moves the LoRA weights."""
-    import argparse
 
     import torch
 
@@ -287,16 +286,18 @@ def grpo_update(model_path: str, eight_bit: bool) -> dict:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
-    args = argparse.Namespace(num_generations=4, max_new_tokens=16, temperature=1.0, top_p=1.0)
+    args = grpo.Sampling(generations=4, max_new_tokens=16, temperature=1.0, top_p=1.0)
     questions = ["What is 2 + 3?", "What is the sum of 17 and 25?"]
     with grpo.sampling_mode(model):
         seqs, attention, width, comp_mask, texts = grpo.rollout(model, tok, questions, args, inoculate=False)
     rewards = comp_mask.sum(1).float() + torch.arange(len(texts), device=seqs.device) % 4  # spread in each group
-    adv = grpo.group_advantages(rewards, args.num_generations)
-    logp = grpo.token_logp(model, seqs, attention, width, args.num_generations)
+    adv = grpo.group_advantages(rewards, args.generations)
+    logp = grpo.token_logp(model, seqs, attention, width, args.generations)
     with torch.no_grad(), model.disable_adapter():
-        ref_logp = grpo.token_logp(model, seqs, attention, width, args.num_generations)
-    loss, kl = grpo.grpo_loss(logp, logp.detach(), adv, comp_mask.float(), 0.2, 0.1, ref_logp)
+        ref_logp = grpo.token_logp(model, seqs, attention, width, args.generations)
+    mask = comp_mask.float()
+    kl = grpo.completion_mean(grpo.k3_kl(logp, ref_logp), mask)
+    loss = grpo.policy_loss(logp, logp.detach(), adv, mask, 0.2) + 0.1 * kl
     loss.backward()
     params = trainable_parameters(model)
     grads = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
@@ -366,7 +367,7 @@ def big_step(shape: str, device: str, eight_bit: bool, tmp: Path, peak_tflops: f
     import torch
 
     from bench.benchlib import lora_sft_flops_per_token, mfu
-    from common import activation_bytes, ce_and_grad, decoder_states, head_loss, load_model
+    from common import activation_bytes, decoder_states, linear_cross_entropy, load_model
 
     folder = make_model(shape, tmp / f"big-{shape}", device)
     width = 2048 if shape != "tiny" else 256
@@ -404,7 +405,8 @@ def big_step(shape: str, device: str, eight_bit: bool, tmp: Path, peak_tflops: f
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             hidden = decoder_states(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[:, :-1]
-            head_loss(model, hidden.reshape(-1, hidden.shape[-1]), ce_and_grad, ids[:, 1:].reshape(-1))
+            head = model.get_output_embeddings().weight
+            linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, ids[:, 1:].flatten())
         measured = sum(kept.values())
         estimate = activation_bytes(model, rows, cols, plan["gradient_checkpointing"])
         plan["estimate_gb"] = estimate / 2**30  # the activations alone, as measured here

@@ -1,6 +1,6 @@
 """Profile: where the time of one training step goes, plain SFT (interleave.py's step) against KL (kl.py's step),
-with torch.profiler, each step the scripts' own: decoder_states, then common.head_loss (lm_head only at the answer
-positions, in chunks) with CE, or with CE + KL on the reference hidden states (kl.ce_kl_and_grad).
+with torch.profiler, each step the scripts' own: decoder_states, then common.linear_cross_entropy (lm_head only at the
+answer positions, in chunks), or kl.linear_cross_entropy_and_kl with the reference hidden states.
 
 Runs --steps steps of each after a warm-up step, on the same length-grouped batches, and prints the wall time of each,
 a table of the step's labelled parts per step (fwd: the policy's decoder pass; ref_fwd: the adapter-off pass; head:
@@ -13,7 +13,6 @@ decoder), then the profiler's op table for the KL steps.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from pathlib import Path
@@ -24,17 +23,16 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import (  # noqa: E402
-    ce_and_grad,
     collate,
     decoder_states,
     encode_dataset,
     get_device,
-    head_loss,
+    linear_cross_entropy,
     load_model,
     load_split,
     step_plan,
 )
-from kl import ce_kl_and_grad  # noqa: E402
+from kl import linear_cross_entropy_and_kl  # noqa: E402
 
 PARTS = ("fwd", "ref_fwd", "head", "bwd")
 
@@ -57,6 +55,7 @@ def main():
     plan = step_plan([len(e["input_ids"]) for e in examples], args.batch_size, 1, 0, 1, args.steps + 1)
     device = get_device()
     model.train()
+    head = model.get_output_embeddings().weight
 
     def step(group, with_kl: bool):
         batch = collate([examples[i] for i in group], tok.pad_token_id, device)
@@ -70,17 +69,11 @@ def main():
             with record_function("ref_fwd"), torch.no_grad(), model.disable_adapter():
                 ref_hidden = decoder_states(model, inputs)
             with record_function("head"):
-                fn = functools.partial(
-                    ce_kl_and_grad,
-                    weight=model.get_output_embeddings().weight,
-                    w_ce=1 / n,
-                    w_kl=0.1 / n,
-                    sums={"ce": 0.0, "kl": 0.0},
-                )
-                loss = head_loss(model, hidden[where], fn, ref_hidden[where], targets[where])
+                ce, kl = linear_cross_entropy_and_kl(hidden[where], ref_hidden[where], head, targets[where])
+                loss = ce / n + 0.1 * kl / n
         else:
             with record_function("head"):
-                loss = head_loss(model, hidden[where], ce_and_grad, targets[where]) / n
+                loss = linear_cross_entropy(hidden[where], head, targets[where]) / n
         with record_function("bwd"):
             loss.backward()
         model.zero_grad(set_to_none=True)

@@ -121,7 +121,7 @@ def test_a_deleted_8bit_model_is_gone_without_a_garbage_collection(tiny_model):
 def saved_bytes(model, batch) -> int:
     """What autograd keeps for backward in one training pass (decoder + the loss head), distinct storages, weights
     left out: the activation memory that scales with the micro-batch."""
-    from common import ce_and_grad, decoder_states, head_loss
+    from common import decoder_states, linear_cross_entropy
 
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     kept = {}
@@ -135,7 +135,9 @@ def saved_bytes(model, batch) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         hidden = decoder_states(model, batch)[:, :-1]
         targets = batch["input_ids"][:, 1:]
-        head_loss(model, hidden.reshape(-1, hidden.shape[-1]), ce_and_grad, targets.reshape(-1))
+        linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), model.get_output_embeddings().weight, targets.flatten()
+        )
     return sum(kept.values())
 
 
@@ -289,10 +291,9 @@ def test_every_method_script_trains_on_every_family(family, family_models, data,
 def test_grpo_rollout_decodes_what_generate_decodes_on_every_family(family, family_models):
     """grpo.py's own KV-cache decoding loop against transformers' generate (greedy, left padding, a LoRA that is not
     zero), on each family's cache and attention (Gemma 3's sliding window, Llama's begin-of-text token)."""
-    import argparse
 
     from common import load_model, render_chat
-    from grpo import prompt_messages, rollout, sampling_mode
+    from grpo import Sampling, prompt_messages, rollout, sampling_mode
 
     model, tok = load_model(str(family_models[family]), eight_bit=False, lora_r=4, lora_alpha=8)
     torch.manual_seed(0)
@@ -301,7 +302,7 @@ def test_grpo_rollout_decodes_what_generate_decodes_on_every_family(family, fami
             if "lora_B" in name:
                 p.normal_(0, 0.3)
     questions = ["What is 2 + 3?", "What is the sum of 17 and 25, written as a number?"]
-    args = argparse.Namespace(num_generations=2, max_new_tokens=10, temperature=0.9, top_p=0.9)
+    args = Sampling(generations=2, max_new_tokens=10, temperature=0.9, top_p=0.9)
     texts = [render_chat(tok, prompt_messages(q, False), add_generation_prompt=True) for q in questions]
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)

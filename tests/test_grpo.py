@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import read_metrics, run_script
 
-from grpo import group_advantages, grpo_loss, reward_parts, sft_after, trim_padding
+from grpo import Sampling, completion_mean, group_advantages, k3_kl, policy_loss, reward_parts, sft_after, trim_padding
 
 TINY = ["--no-8bit", "--lora-r", "4", "--lora-alpha", "8", "--max-len", "256"]
 PERFECT = "<think>\n2 + 2 = 4\n</think>\n<answer>\n4\n</answer>"
@@ -62,6 +62,13 @@ def test_group_advantages():
     assert torch.allclose(adv, torch.tensor([-2.0, -1.0, 0.0, 3.0]) / (math.sqrt(14 / 3) + 1e-4))
     with pytest.raises(ValueError):
         group_advantages(torch.tensor([1.0, 2.0]), 1)
+
+
+def grpo_loss(logp, old, adv, mask, eps=0.2, kl_beta=0.0, ref_logp=None):
+    """grpo.py's loss as its training loop builds it, and the logged KL per token."""
+    kl_tokens = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    loss = policy_loss(logp, old, adv, mask, eps) + kl_beta * completion_mean(kl_tokens, mask)
+    return loss, (kl_tokens * mask).sum() / mask.sum()
 
 
 def test_grpo_loss_takes_bool_int_and_float_masks():
@@ -329,12 +336,11 @@ def test_rollout_with_each_prompt_prefilled_once_samples_what_prefilling_each_co
     """rollout() prefills each prompt once and continues its copies from that cache: with the same seed it must sample
     exactly the completions of prefilling every copy, on prompts of different lengths (left padding), with a LoRA
     that is not zero, and with the persona hook on (it acts on the prefill too)."""
-    import argparse
 
     from grpo import rollout, sampling_mode, steering
 
     model, tok, vector = _tiny_policy(tiny_model)
-    args = argparse.Namespace(num_generations=3, max_new_tokens=12, temperature=0.9, top_p=0.9)
+    args = Sampling(generations=3, max_new_tokens=12, temperature=0.9, top_p=0.9)
     out = {}
     for share in (False, True):
         torch.manual_seed(7)
@@ -351,13 +357,12 @@ def test_rollout_decodes_what_generate_decodes(tiny_model, steer):
     not zero, the persona hook on and off): greedy, the same tokens; sampling with a top-p so small that the nucleus
     is the most probable token, each prompt's copies (continued from its one prefill) all equal generate's greedy
     answer. Sequences, attention and completion mask are laid out as generate's output would be."""
-    import argparse
 
     from common import render_chat
     from grpo import prompt_messages, rollout, sampling_mode, steering
 
     model, tok, vector = _tiny_policy(tiny_model)
-    args = argparse.Namespace(num_generations=3, max_new_tokens=12, temperature=0.9, top_p=1e-6)
+    args = Sampling(generations=3, max_new_tokens=12, temperature=0.9, top_p=1e-6)
     texts = [render_chat(tok, prompt_messages(q, False), add_generation_prompt=True) for q in QUESTIONS]
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -381,7 +386,6 @@ def test_rollout_decodes_what_generate_decodes(tiny_model, steer):
 def test_rollout_decodes_with_eager_attention_and_puts_the_models_back(tiny_model):
     """The prefill runs the model's own attention, each one-token decoding step the plain (eager) one, and the
     model's attention is put back after the rollout, and after a failure inside it."""
-    import argparse
 
     import grpo
 
@@ -393,7 +397,7 @@ def test_rollout_decodes_with_eager_attention_and_puts_the_models_back(tiny_mode
     hook = base.model.layers[0].self_attn.register_forward_pre_hook(
         lambda m, a, kw: seen.append((kw["hidden_states"].shape[1], m.config._attn_implementation)), with_kwargs=True
     )
-    args = argparse.Namespace(num_generations=2, max_new_tokens=5, min_new_tokens=5, temperature=1.0, top_p=1.0)
+    args = Sampling(generations=2, max_new_tokens=5, min_new_tokens=5, temperature=1.0, top_p=1.0)
     try:
         with grpo.sampling_mode(model):
             grpo.rollout(model, tok, QUESTIONS[:2], args, inoculate=False)
@@ -411,12 +415,11 @@ def test_rollout_decodes_with_eager_attention_and_puts_the_models_back(tiny_mode
 def test_rollout_min_new_tokens_and_every_stop_token(tiny_model):
     """An end token of the generation config ends a completion as the tokenizer's does (here question 0's first
     greedy token is made one); --min-new-tokens holds every end token back until that length."""
-    import argparse
 
     from grpo import rollout, sampling_mode
 
     model, tok, _ = _tiny_policy(tiny_model)
-    args = argparse.Namespace(num_generations=2, max_new_tokens=10, temperature=1.0, top_p=1.0)
+    args = Sampling(generations=2, max_new_tokens=10, temperature=1.0, top_p=1.0)
     with sampling_mode(model):
         seqs, _, width, mask, _ = rollout(model, tok, QUESTIONS, args, inoculate=False, greedy=True)
         first = int(seqs[0, width])
@@ -494,13 +497,12 @@ def test_sampled_heldout_accuracy_is_one_fixed_draw_that_leaves_the_run_rng_alon
     """The sampled evaluation draws from its own fixed seed: the same answers every time it runs on the same model
     (evaluations compare like for like), and the training run's random stream is where it was (a run evaluated with
     samples trains on the same rollouts as one evaluated greedily)."""
-    import argparse
 
     from common import load_model
     from grpo import heldout_accuracy, rollout
 
     model, tok = load_model(str(tiny_model), eight_bit=False, lora_r=4, lora_alpha=8)
-    args = argparse.Namespace(num_generations=2, max_new_tokens=6, temperature=0.9, top_p=0.9, gen_batch_size=4)
+    args = Sampling(generations=2, max_new_tokens=6, temperature=0.9, top_p=0.9)
     held = [
         [{"role": "user", "content": f"What is {a} + 1?"}, {"role": "assistant", "content": f"#### {a + 1}"}]
         for a in range(5)
@@ -520,7 +522,7 @@ def test_sampled_heldout_accuracy_is_one_fixed_draw_that_leaves_the_run_rng_alon
         for seed in (0, 1):  # two evaluations at different points of the run's random stream
             torch.manual_seed(seed)
             state = torch.get_rng_state()
-            heldout_accuracy(model, tok, held, args, samples=3)
+            heldout_accuracy(model, tok, held, args, 4, samples=3)
             assert torch.equal(torch.get_rng_state(), state)
     finally:
         grpo.rollout = real

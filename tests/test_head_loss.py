@@ -1,14 +1,19 @@
-"""Logits only where a loss needs them (common.decoder_states + head_loss): every script's loss and its gradient equal
-the full-logits path on the same tensors, to float32 tolerance."""
-
-import functools
+"""Logits only where a loss needs them (common.decoder_states + the named loss heads: common.linear_cross_entropy,
+kl.linear_cross_entropy_and_kl): every script's loss terms and their gradients equal the plain full-logits formulas on
+the same tensors, to float32 tolerance."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import common
-from common import ce_and_grad, collate, decoder_states, encode_dataset, head_loss, load_model
+from common import (
+    collate,
+    decoder_states,
+    encode_dataset,
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+    load_model,
+)
 
 CONVS = [
     [
@@ -53,12 +58,12 @@ def assert_same(loss_a, loss_b, model):
 def test_chunked_ce_equals_cross_entropy_on_random_tensors(chunk):
     torch.manual_seed(1)
     head = torch.nn.Linear(8, 50, bias=False).requires_grad_(False)
-    model = type("M", (), {"get_output_embeddings": lambda self: head})()
     hidden = torch.randn(13, 8, requires_grad=True)
     targets = torch.randint(0, 50, (13,))
-    got = head_loss(model, hidden, ce_and_grad, targets, chunk=chunk)
+    got = linear_cross_entropy(hidden, head.weight, targets, chunk=chunk)
     want = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
     assert torch.allclose(got, want, rtol=1e-6)
+    assert torch.allclose(linear_cross_entropy_reference(hidden, head.weight, targets), want, rtol=1e-6)
     (g_got,) = torch.autograd.grad(2.5 * got, hidden)
     (g_want,) = torch.autograd.grad(2.5 * want, hidden)
     assert torch.allclose(g_got, g_want, atol=1e-6)
@@ -78,11 +83,13 @@ def test_a_cpu_training_pass_hands_freed_heap_memory_back(lora, monkeypatch):
     reference pass), and its outputs are the same either way."""
     import platform
 
+    import cpu_speedups
+
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        assert common._MALLOC_TRIM is not None  # the real one is found where the benchmarks run
+        assert cpu_speedups._MALLOC_TRIM is not None  # the real one is found where the benchmarks run
     model, _, batch = lora
     calls = []
-    monkeypatch.setattr(common, "_MALLOC_TRIM", lambda pad: calls.append(pad))
+    monkeypatch.setattr(cpu_speedups, "_MALLOC_TRIM", lambda pad: calls.append(pad))
     with torch.no_grad():
         reference = decoder_states(model, batch)
     assert calls == []
@@ -105,7 +112,8 @@ def test_sft_ce_the_scripts_compute_equals_the_full_logits_path(lora):
         )
         / n
     )
-    chunked = head_loss(model, decoder_states(model, batch)[:, :-1][mask], ce_and_grad, targets[mask], chunk=7) / n
+    head = model.get_output_embeddings().weight
+    chunked = linear_cross_entropy(decoder_states(model, batch)[:, :-1][mask], head, targets[mask], chunk=7) / n
     assert_same(full, chunked, model)
 
 
@@ -137,14 +145,35 @@ def test_kl_py_loss_equals_ce_plus_kl_penalty_on_full_logits(lora, kl_tokens):
         ref_hidden = decoder_states(model, inputs)
     padded = F.pad(targets, (0, 1), value=-100)
     where = padded != -100 if kl_tokens == "answer" else batch["attention_mask"].bool()
-    sums = {"ce": 0.0, "kl": 0.0}
-    fn = functools.partial(
-        kl.ce_kl_and_grad, weight=model.get_output_embeddings().weight, w_ce=1 / n_answer, w_kl=lam / n_kl, sums=sums
-    )
-    chunked = common.head_loss(model, hidden[where], fn, ref_hidden[where], padded[where], chunk=6)
-    assert float(sums["ce"]) / n_answer == pytest.approx(ce.item(), rel=1e-5)
-    assert float(sums["kl"]) / n_kl == pytest.approx(klv.item(), rel=1e-4)
-    assert_same(full, chunked, model)
+    head = model.get_output_embeddings().weight
+    ce_tokens, kl_tokens_ = kl.linear_cross_entropy_and_kl(hidden[where], ref_hidden[where], head, padded[where], 6)
+    assert ce_tokens.item() / n_answer == pytest.approx(ce.item(), rel=1e-5)
+    assert kl_tokens_.item() / n_kl == pytest.approx(klv.item(), rel=1e-4)
+    assert_same(full, ce_tokens / n_answer + lam * kl_tokens_ / n_kl, model)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 512])
+def test_ce_and_kl_terms_each_equal_their_plain_formula_value_and_gradient(chunk):
+    """kl.linear_cross_entropy_and_kl returns CE and KL as two tensors: each one's value and gradient (alone, and
+    weighted together as Eq. 1 weighs them) equal the plain formulas on full logits, with rows that have no CE
+    target (--kl-tokens all)."""
+    import kl
+
+    torch.manual_seed(2)
+    weight = torch.randn(40, 8)
+    hidden = torch.randn(11, 8, requires_grad=True)
+    ref_hidden = hidden.detach() + 0.3 * torch.randn(11, 8)
+    targets = torch.randint(0, 40, (11,))
+    targets[[0, 3, 4]] = -100  # prompt positions: KL only
+    got = kl.linear_cross_entropy_and_kl(hidden, ref_hidden, weight, targets, chunk)
+    want = kl.linear_cross_entropy_and_kl_reference(hidden, ref_hidden, weight, targets)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-5), (g, w)
+    assert want[1] > 1e-3  # a real KL
+    for weights in ((1.0, 0.0), (0.0, 1.0), (0.3, 2.0)):
+        (g_got,) = torch.autograd.grad(weights[0] * got[0] + weights[1] * got[1], hidden, retain_graph=True)
+        (g_want,) = torch.autograd.grad(weights[0] * want[0] + weights[1] * want[1], hidden, retain_graph=True)
+        assert torch.allclose(g_got, g_want, atol=1e-5), (weights, (g_got - g_want).abs().max())
 
 
 def test_npo_answer_logp_equals_sequence_logp(lora):

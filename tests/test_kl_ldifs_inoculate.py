@@ -43,14 +43,17 @@ def test_kl_penalty_gradient_matches_the_taped_formula():
         return (logp.exp() * (logp - ref_logp)).sum(-1)
 
     z1 = logits.clone().requires_grad_(True)
-    (taped(z1) * weights).sum().backward()
-    from kl import _TokenKL
+    (taped(z1).sum() * 2.5).backward()
+    from kl import linear_cross_entropy_and_kl
 
+    # the hand-written gradient of kl.py's loss head, with an identity head (hidden = the logits themselves)
     z2 = logits.clone().requires_grad_(True)
-    per_token = _TokenKL.apply(z2[mask], torch.log_softmax(ref[mask], -1))
-    (per_token * weights).sum().backward()
-    assert torch.allclose(per_token, taped(logits), atol=1e-6)
+    no_target = torch.full((int(mask.sum()),), -100)
+    _, kl_sum = linear_cross_entropy_and_kl(z2[mask], ref[mask], torch.eye(11, dtype=torch.float64), no_target)
+    (kl_sum * 2.5).backward()
+    assert torch.allclose(kl_sum, taped(logits).sum(), atol=1e-6)
     assert torch.allclose(z2.grad, z1.grad, atol=1e-6) and z1.grad.abs().sum() > 0
+    assert (taped(logits) * weights).sum().abs() > 0  # (per-token weights: kl_penalty below, taped)
     z3 = logits.clone().requires_grad_(True)
     kl_penalty(z3, ref, mask, "sum").backward()
     z4 = logits.clone().requires_grad_(True)
