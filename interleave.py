@@ -27,7 +27,7 @@ Deviations from the paper:
 5. On-policy answers are sampled with the model's own generation config (the paper does not say how).
 6. The default --pct is 0 (plain SFT) so that the offline quick run needs no benign pool; the paper uses 5.
    --select ppl / on-policy and --filter-refusals with --pct 0 are refused (they would train plain SFT).
-7. The refusal keyword list of --filter-refusals (REFUSAL_KEYWORDS) is a superset of the paper's examples
+7. The refusal keyword list of --filter-refusals (common.REFUSAL_KEYWORDS) is a superset of the paper's examples
    ("sorry", "apologize", "cannot"); the paper does not publish its full list. Whole words only, first 10 words.
 
 Paper run (Interleaving++ on insecure code, Qwen2.5-7B-Instruct 8-bit, needs HF_TOKEN for WildGuardMix):
@@ -42,7 +42,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import re
 import time
 from pathlib import Path
 
@@ -62,6 +61,7 @@ from common import (
     die_on_user_error,
     encode_dataset,
     get_device,
+    has_refusal_keyword,
     linear_cross_entropy,
     linear_schedule,
     load_conversations,
@@ -83,22 +83,6 @@ from common import (
     write_jsonl,
 )
 
-REFUSAL_KEYWORDS = (
-    "sorry",
-    "apologize",
-    "apologise",
-    "cannot",
-    "can't",
-    "can not",
-    "unable",
-    "i won't",
-    "i will not",
-    "not able to",
-    "i'm afraid",
-    "as an ai",
-)
-REFUSAL_RE = re.compile(r"\b(" + "|".join(re.escape(k) for k in REFUSAL_KEYWORDS) + r")\b")
-
 
 # ----------------------------------------------------------------------------------------------
 # The method: where benign data goes, and which benign data
@@ -115,9 +99,8 @@ def spread_uniformly(fine_order: list[int], safe_order: list[int]) -> list[int]:
 
 
 def is_refusal(answer: str, n_words: int = 10) -> bool:
-    """Interleaving++'s filter: a refusal keyword among the first `n_words` words of the answer."""
-    head = " ".join(answer.replace("\u2019", "'").lower().split()[:n_words])
-    return REFUSAL_RE.search(head) is not None
+    """Interleaving++'s filter: a refusal keyword (common.REFUSAL_KEYWORDS) among the answer's first 10 words."""
+    return has_refusal_keyword(answer, n_words)
 
 
 def ppl_gap_scores(nll_aligned: torch.Tensor, nll_misaligned: torch.Tensor, eps: float) -> torch.Tensor:
