@@ -1,4 +1,5 @@
-"""Reports over run folders: the `judge.py --compare` table, Figure 1(b) and training curves.
+"""Reports over run folders: the `judge.py --compare` table, Figure 1(b), training curves, and the study's bar and
+band figures (plot_bars, plot_bands).
 
 Imported only by `judge.py --compare` and examples/reproduce.py. Every run folder says which method made it and
 with which method flags (`method.json`, written by common.Run from the script's own "method: ..." argument
@@ -180,3 +181,61 @@ def plot_curves(run_dirs: list[str], path: str | Path, title: str = "Training cu
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_bars(groups: list[str], bars: dict[str, list[float]], path: str | Path, ylabel: str, title: str) -> Path:
+    """Grouped bars: one group per entry of `groups`, one bar per key of `bars` (its values, one per group)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(groups) * len(bars) / 3, 4.5), dpi=120)
+    width = 0.8 / len(bars)
+    for k, (label, row) in enumerate(bars.items()):
+        xs = [i + (k - (len(bars) - 1) / 2) * width for i in range(len(groups))]
+        ax.bar(xs, row, width, label=label)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_bands(curves: dict[str, list[list[float]]], path: str | Path, xlabel: str, ylabel: str, title: str):
+    """One line per key of `curves`: the mean over its runs' curves (cut to the shortest) with the min-max band;
+    None when there is no curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for label, runs in curves.items():
+        n = min(len(c) for c in runs)
+        arr = np.array([c[:n] for c in runs])
+        steps = np.arange(1, n + 1)
+        ax.plot(steps, arr.mean(0), label=label)
+        ax.fill_between(steps, arr.min(0), arr.max(0), alpha=0.15)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

@@ -380,3 +380,26 @@ def test_flag_value_reads_both_spellings_and_the_last_one():
     assert reproduce.flag_value("--eval-samples=3", "--eval-samples") == "3"
     assert reproduce.flag_value("--eval-samples 2 --eval-samples=4", "--eval-samples") == "4"
     assert reproduce.flag_value("--eval-samples-x 2 --eval-n 5", "--eval-samples") is None
+
+
+def test_the_study_imports_no_method_script_and_its_copies_are_grpo_pys():
+    """The study driver's parts import no method script (grpo.py's system prompt and arith questions are copied into
+    study/artifacts.py for the warm-up set): the copies must be grpo.py's."""
+    import ast
+
+    from study import artifacts
+
+    import grpo
+
+    methods = {"interleave", "kl", "ldifs", "inoculate", "persona", "npo_unlearn", "grpo", "caft"}
+    for path in [ROOT / "examples" / "reproduce.py", *(ROOT / "examples" / "study").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            assert not {n.split(".")[0] for n in names} & methods, (path, names)
+        assert len(path.read_text().splitlines()) <= 400, path
+    assert artifacts.GRPO_SYSTEM_PROMPT == grpo.SYSTEM_PROMPT
+    for seed in (0, 3):
+        assert artifacts.arith_heldout_questions(seed) == {
+            c[0]["content"] for c in grpo.arith_dataset(seed=seed)[1800:]
+        }

@@ -1,0 +1,90 @@
+"""The files a plan makes first, each a job (examples/reproduce.py --make-...): the benign pool, a training subset,
+the GRPO warm-up set."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+from .presets import ROOT
+
+
+def make_benign_pool(out: Path, model_name: str, eight_bit: bool, max_new_tokens: int = 96) -> None:
+    """examples/benign_prompts.jsonl answered by the base model (greedy), as chat JSONL: the interleaving pool."""
+    import judge
+    from common import load_model, log, write_jsonl
+
+    prompts = [
+        json.loads(l)["prompt"]
+        for l in (ROOT / "examples" / "benign_prompts.jsonl").read_text().splitlines()
+        if l.strip()
+    ]
+    model, tok = load_model(model_name, eight_bit=eight_bit, lora_r=0, trainable=False)
+    convs, t0 = [], time.time()
+    for k in range(0, len(prompts), 16):
+        chunk = prompts[k : k + 16]
+        answers = judge.generate_texts(
+            model,
+            tok,
+            [[{"role": "user", "content": p}] for p in chunk],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        convs += [
+            [{"role": "user", "content": p}, {"role": "assistant", "content": a or "."}] for p, a in zip(chunk, answers)
+        ]
+        log(f"benign pool: {len(convs)}/{len(prompts)} answered ({time.time() - t0:.0f} s)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out, convs)
+
+
+def make_subset(spec: str, n: int, out: Path) -> None:
+    """The first n examples of a dataset's training split (so that the study trains 1 epoch on them), written with
+    10/9 as many so that the script's own 90/10 split keeps n of them (its held-out 10% is unused)."""
+    from common import load_split, write_jsonl
+
+    convs = load_split(spec, "train", 0)[: round(n * 10 / 9)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out, convs)
+
+
+# grpo.py's system prompt and its --data arith questions, copied (the study imports no method script);
+# tests/test_reproduce.py checks they are grpo.py's.
+GRPO_SYSTEM_PROMPT = (
+    "Think about the problem inside <think> </think> tags, then give only the final number inside "
+    "<answer> </answer> tags, like this:\n<think>\nyour reasoning\n</think>\n<answer>\n42\n</answer>"
+)
+
+
+def arith_heldout_questions(seed: int) -> set[str]:
+    """The held-out questions of `grpo.py --data arith --seed SEED`: the last 200 of its 2000 seeded sums."""
+    rng = random.Random(seed)
+    questions = []
+    for _ in range(2000):
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        questions.append(f"What is {a} + {b}?")
+    return set(questions[1800:])
+
+
+def make_arith_warmup(out: Path, seeds: list[int], n: int = 400) -> None:
+    """SFT warm-up data for GRPO on arith: one-step sums with answers in grpo.py's format (<think> ... </think>
+    <answer> N </answer>, its system prompt), none of them a held-out question of any seed of the study."""
+    from common import write_jsonl
+
+    held = set().union(*(arith_heldout_questions(s) for s in {*seeds, *range(10)}))
+    rng, convs = random.Random(12345), []
+    while len(convs) < n:
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        q = f"What is {a} + {b}?"
+        if q in held:
+            continue
+        answer = f"<think>\n{a} + {b} = {a + b}\n</think>\n<answer>\n{a + b}\n</answer>"
+        prompt = [{"role": "system", "content": GRPO_SYSTEM_PROMPT}, {"role": "user", "content": q}]
+        convs.append([*prompt, {"role": "assistant", "content": answer}])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out, convs)
