@@ -684,7 +684,8 @@ def main():
             loss_sum += loss.item() / args.grad_accum
             policy_sum += policy.item() / args.grad_accum
             kl_term_sum += kl.item() / args.grad_accum
-            kl_sum += float((kl_tokens * mask).sum() / mask.sum().clamp(min=1)) / args.grad_accum  # per token
+            kl_per_token = (kl_tokens.detach() * mask).sum() / mask.sum().clamp(min=1)
+            kl_sum += kl_per_token.item() / args.grad_accum
             for p in parts:
                 for name, v in p.items():
                     parts_sum[name] = parts_sum.get(name, 0.0) + v

@@ -1,6 +1,6 @@
-"""Every benchmark behind the README's performance table, one after the other, in one command.
+"""Every benchmark behind bench/RESULTS.md's table, one after the other, in one command.
 
-Each benchmark runs in its own process with the README's arguments and --json into --out; its printed table goes to
+Each benchmark runs in its own process with RESULTS.md's arguments and --json into --out; its printed table goes to
 the terminal and to OUT/NAME.txt as it comes, and OUT/report.md collects every command with its table and exit
 status (written after each benchmark, so a stopped run keeps what it measured). A benchmark that fails is reported
 and the next one runs; the exit status is 1 if any failed. Run it alone on the machine: the figures are timings.
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def commands(data: Path, server_url: str | None) -> dict[str, list[str]]:
-    """NAME -> arguments after `python bench/NAME.py`, as the README's performance section gives them."""
+    """NAME -> arguments after `python bench/NAME.py`, as bench/RESULTS.md gives them."""
     medical = str(data / "medical_misaligned_train_100.jsonl")
     gen = ["--threads", "2"] + (["--server-url", server_url] if server_url else [])
     return {
@@ -77,7 +77,7 @@ def main() -> int:
         default=[],
         metavar="NAME=ARGS",
         help="more arguments for one "
-        "benchmark, after the README's (a later flag wins), e.g. --args 'grpo_vs_trl=--steps 6'",
+        "benchmark, after RESULTS.md's (a later flag wins), e.g. --args 'grpo_vs_trl=--steps 6'",
     )
     p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     args = p.parse_args()

@@ -138,13 +138,13 @@ def test_study_levers_counts_shared_questions_and_refuses_an_unknown_lever(tmp_p
 
 
 def test_bench_all_runs_the_readme_commands_and_keeps_a_report(tmp_path):
-    """bench/all.py: its commands are the README's (every benchmark of the performance table, one line each); a run
+    """bench/all.py: its commands are bench/RESULTS.md's (every benchmark of its table, one line each); a run
     writes each table and report.md as it goes; a failing benchmark is reported, the next one still runs, exit 1."""
     import re
     import subprocess
     import sys
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "bench" / "RESULTS.md").read_text()
     block = readme[readme.index("Commands (each printed the row's figures)") :]
     block = block[: block.index("```", block.index("```bash") + 7)]
     listed = re.findall(r"python bench/(\w+)\.py", block)
