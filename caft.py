@@ -70,6 +70,7 @@ from common import (
     UserError,
     add_common_args,
     block_outputs,
+    check_step,
     collate,
     decoder_blocks,
     decoder_states,
@@ -498,6 +499,8 @@ def train(args, parser):
         eight_bit=not args.no_8bit,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
+        lora_targets=args.lora_targets,
+        lora_layers=args.lora_layers,
         adapter=args.init_adapter,
         trainable=True,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -546,6 +549,7 @@ def train(args, parser):
             n_real += batch["n_real"]
             n_padded += batch["n_padded"]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        check_step(step + 1, ce_sum, grad_norm, "--lr")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()

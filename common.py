@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import functools
 import gc
 import importlib
@@ -49,7 +50,8 @@ class UserError(Exception):
 
 def die_on_user_error(main):
     """Run main(); turn a UserError into a one-line message and exit status 2. A run folder this process created
-    and that holds no step yet is removed when main() fails, so failed starts leave no orphan folders."""
+    and that holds no step yet is removed when main() fails, so failed starts leave no orphan folders. The folder
+    locks main() took are released at its end."""
     try:
         return main()
     except BaseException as e:
@@ -67,6 +69,41 @@ def die_on_user_error(main):
         sys.exit(2)
     finally:
         _NEW_RUN_FOLDERS.clear()
+        release_locks()
+
+
+def lock_path(lock_file: Path, what: str) -> None:
+    """Take an exclusive lock on lock_file for as long as this process's main() runs: one writer per output. A second
+    writer stops at once with a one-line error naming the process that holds it (the lock file says its PID and
+    command). The lock is the kernel's (flock): when its process dies, even by kill -9, it is free again, so a run
+    killed and resumed takes it over."""
+    import fcntl
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_file, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(
+            f"{what} is being written by {holder}: one writer at a time; wait for it to end or stop it"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"PID {os.getpid()} ({' '.join(sys.argv)})\n")
+    handle.flush()
+    _LOCKS.append(handle)
+
+
+def release_locks() -> None:
+    for handle in _LOCKS:
+        handle.close()  # closing the file releases its flock
+    _LOCKS.clear()
+
+
+_LOCKS: list = []
 
 
 def optional(module: str, what: str):
@@ -119,6 +156,22 @@ def get_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@functools.cache
+def warn_if_cpu_busy() -> bool:
+    """On the CPU, say it out loud when the machine is already busy: torch's threads and another process's fight over
+    the cores (two 2-thread jobs on 2 cores run up to 10x slower, not 2x). Once per process; True when it warned."""
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load + threads <= cores + 0.5:
+        return False
+    log(
+        f"note: the CPU is busy (load average {load:.1f} on {cores} cores) and torch uses {threads} threads: sharing "
+        "the cores can make this run many times slower. Run it alone, or give each process fewer threads "
+        "(OMP_NUM_THREADS=1; examples/reproduce.py --devices cpu:N does)"
+    )
+    return True
+
+
 # --- Models ----------------------------------------------------------------------------------------------------------
 def resolve_model(name: str) -> str:
     """A hub id, a local folder, or the alias `smollm2`. A path that does not exist is an error at once (not a minute
@@ -126,6 +179,8 @@ def resolve_model(name: str) -> str:
     if name == "smollm2":
         return str(optional("smollm2", "--model smollm2").path())
     if (path := Path(name).expanduser()).is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"--model {name}: a folder without config.json, not a model folder")
         return str(path)
     if path.exists():
         raise UserError(f"--model {name}: a file, not a model folder (a folder with config.json)")
@@ -134,7 +189,30 @@ def resolve_model(name: str) -> str:
             f"--model {name}: no such folder (a hub id looks like org/name; --model smollm2 is the "
             "bundled offline model)"
         )
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):  # in the local hub cache
+        return name
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
+        close = difflib.get_close_matches(name, ["smollm2"], n=1, cutoff=0.6)
+        raise UserError(
+            f"--model {name}: not a local folder, not in the hub cache, and the hub cannot be reached"
+            f"{' (did you mean --model smollm2?)' if close else ''}: pass a local model folder, or --model smollm2 "
+            "(the bundled offline model)"
+        )
     return name
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the model hub answers within a few seconds (HF_ENDPOINT, default huggingface.co)."""
+    import requests
+
+    try:
+        requests.head(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), timeout=5)
+    except requests.RequestException:
+        return False
+    return True
 
 
 def load_tokenizer(name: str):
@@ -145,8 +223,9 @@ def load_tokenizer(name: str):
     hf_logging.disable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(resolve_model(name))
-    except OSError as e:
-        raise UserError(f"cannot load the tokenizer of --model {name!r}: {e}") from e
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load the tokenizer of --model {name!r}: {first}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.chat_template is None:
@@ -163,13 +242,18 @@ def load_model(
     adapter: str | None = None,
     trainable: bool = True,
     gradient_checkpointing: bool = False,
+    lora_targets: str | None = None,
+    lora_layers: str = "all",
 ):
     """Returns (model, tokenizer) on the best device: 8-bit bitsandbytes weights (CUDA or CPU) unless
-    eight_bit=False (then bf16 on CUDA, fp32 on CPU), wrapped by `wrap_lora`."""
+    eight_bit=False (then bf16 on CUDA, fp32 on CPU), wrapped by `wrap_lora` (lora_targets, lora_layers: the
+    --lora-targets and --lora-layers strings)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     tok = load_tokenizer(name)
     device = get_device()
+    if device.type == "cpu":
+        warn_if_cpu_busy()
     kwargs = {"dtype": torch.bfloat16 if eight_bit or device.type == "cuda" else torch.float32}
     if eight_bit:  # bf16 compute, the paper's precision (fp16 breaks the backward pass of CPU attention)
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
@@ -199,7 +283,32 @@ def load_model(
     for module in model.modules():  # frozen 8-bit layers keep no input (on CUDA also outlier columns) for backward
         if type(module).__module__.startswith("bitsandbytes") and type(module).__name__ == "Linear8bitLt":
             module.__class__ = _frozen_int8_class(type(module))  # a class, not a closure: no reference cycle
-    return wrap_lora(model, lora_r, lora_alpha, adapter, trainable), tok
+    targets = parse_lora_targets(lora_targets)
+    layers = parse_lora_layers(lora_layers, len(model.model.layers))
+    return wrap_lora(model, lora_r, lora_alpha, adapter, trainable, targets, layers), tok
+
+
+def parse_lora_targets(spec: str | None) -> list[str]:
+    """--lora-targets: comma-separated projection names (default: all seven)."""
+    if not spec:
+        return list(LORA_TARGETS)
+    targets = [t.strip() for t in spec.split(",") if t.strip()]
+    if not targets:
+        raise UserError(f"--lora-targets {spec!r}: no projection named")
+    return targets
+
+
+def parse_lora_layers(spec: str, n_blocks: int) -> list[int] | None:
+    """--lora-layers: 'all' (None: every block) or comma-separated block indices 0..n_blocks-1."""
+    if spec in (None, "", "all"):
+        return None
+    try:
+        layers = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise UserError(f"--lora-layers {spec!r}: expected 'all' or comma-separated block indices such as 21") from None
+    if not layers or not all(0 <= x < n_blocks for x in layers):
+        raise UserError(f"--lora-layers {spec}: the model's decoder blocks are 0..{n_blocks - 1}")
+    return layers
 
 
 def check_supported(model, name: str) -> None:
@@ -277,10 +386,18 @@ def _frozen_int8_class(bnb_class: type) -> type:
     return FrozenInt8Linear
 
 
-def wrap_lora(model, lora_r: int = 32, lora_alpha: int = 64, adapter: str | None = None, trainable: bool = True):
+def wrap_lora(
+    model,
+    lora_r: int = 32,
+    lora_alpha: int = 64,
+    adapter: str | None = None,
+    trainable: bool = True,
+    targets: list[str] | None = None,
+    layers: list[int] | None = None,
+):
     """A saved PEFT adapter (trainable, or frozen to evaluate), else for lora_r > 0 a fresh rs-LoRA (r, alpha,
-    dropout 0, all 7 projections; B = 0, so it starts as the identity), else the bare model. trainable=False: frozen,
-    eval mode."""
+    dropout 0, on the `targets` projections, all seven by default, of the `layers` blocks, all by default; B = 0, so
+    it starts as the identity), else the bare model. trainable=False: frozen, eval mode."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter:
@@ -294,13 +411,15 @@ def wrap_lora(model, lora_r: int = 32, lora_alpha: int = 64, adapter: str | None
             lora_dropout=0.0,
             use_rslora=True,
             bias="none",
-            target_modules=LORA_TARGETS,
+            target_modules=targets or LORA_TARGETS,
+            layers_to_transform=layers,
+            layers_pattern="layers" if layers is not None else None,
             task_type="CAUSAL_LM",
         )
         try:
             model = get_peft_model(model, config)
-        except ValueError as e:  # no module of these names: another architecture's naming
-            raise UserError(f"LoRA on {', '.join(LORA_TARGETS)}: {str(e).splitlines()[0]}") from None
+        except ValueError as e:  # no module of these names: another architecture's naming, or a typo
+            raise UserError(f"--lora-targets {','.join(targets or LORA_TARGETS)}: {str(e).splitlines()[0]}") from None
     if not trainable:
         model.eval()
         model.requires_grad_(False)
@@ -541,7 +660,12 @@ def encode_dataset(tokenizer, convs: list[list[dict]], max_len: int, what: str =
     examples = [encode_conversation(tokenizer, m, max_len) for m in convs]
     if n := sum(e["truncated"] for e in examples):
         log(f"{what}: {n}/{len(examples)} examples longer than --max-len {max_len}, truncated")
-    if n := sum(all(l == -100 for l in e["labels"]) for e in examples):
+    if n := sum(all(l == -100 for l in e["labels"][1:]) for e in examples):
+        if n == len(examples):  # a run that would train on nothing, with a loss of 0 at every step
+            raise UserError(
+                f"{what}: none of the {n} examples has an assistant token left within --max-len {max_len} (every "
+                "answer was cut away): raise --max-len"
+            )
         log(f"{what}: {n} examples have no assistant token left after truncation (they add no loss)")
     return examples
 
@@ -633,6 +757,18 @@ def add_common_args(parser: argparse.ArgumentParser, data_default: str = "insecu
     g.add_argument("--no-8bit", action="store_true", help="load full-precision weights instead of 8-bit bitsandbytes")
     g.add_argument("--lora-r", type=int, default=32, help="rs-LoRA rank (default: %(default)s)")
     g.add_argument("--lora-alpha", type=int, default=64, help="rs-LoRA alpha (default: %(default)s)")
+    g.add_argument(
+        "--lora-targets",
+        default=",".join(LORA_TARGETS),
+        help="comma-separated projections that get a LoRA (default: all seven, %(default)s); e.g. down_proj for the "
+        "model-organisms-for-EM shape",
+    )
+    g.add_argument(
+        "--lora-layers",
+        default="all",
+        help="comma-separated decoder blocks (0-based) whose projections get a LoRA, or 'all' (default: %(default)s); "
+        "e.g. --lora-r 1 --lora-targets down_proj --lora-layers 21: a rank-1, single-layer organism",
+    )
     g.add_argument("--init-adapter", default=None, help="start from this PEFT adapter instead of a fresh LoRA")
     g.add_argument(
         "--gradient-checkpointing",
@@ -760,10 +896,12 @@ class Run:
         args = argparse.Namespace(**{**vars(args), "out": str(out)})
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out}: a file of that name exists; --out names a run folder")
+        existed = out.exists()
+        lock_path(out / ".lock", f"--out {out}")  # first: two runs started at once cannot both pass the check below
         if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists() or (out / "adapter_config.json").exists():
             raise UserError(f"--out {out} already holds a run; use --resume {out} to continue it, or another --out")
-        _NEW_RUN_FOLDERS.extend([] if out.exists() else [out])  # removed again if the script fails before step 1
-        out.mkdir(parents=True, exist_ok=True)
+        if not existed:
+            _NEW_RUN_FOLDERS.append(out)  # removed again if the script fails before step 1
         for name, record in (
             ("args", public_args(args)),
             ("env", {"script": script, **environment_info()}),
@@ -777,6 +915,7 @@ class Run:
         out = Path(args.resume)
         if not (out / "args.json").is_file():
             raise UserError(f"--resume {out}: no args.json there, not a run folder")
+        lock_path(out / ".lock", f"--resume {out}")  # a run still training there (or a second resume) is refused
         saved = json.loads((out / "args.json").read_text())
         made_by = json.loads((out / "env.json").read_text()).get("script") if (out / "env.json").is_file() else None
         known = {a.dest for a in parser._actions} - {"help"}
@@ -826,9 +965,10 @@ class Run:
         (self.out / name).write_text(json.dumps(record, indent=2))
 
     def log_metrics(self, record: dict) -> None:
-        """Append one step's record, stamped with the wall-clock time (seconds since the epoch)."""
+        """Append one step's record, stamped with the wall-clock time (seconds since the epoch): strict JSON (a NaN
+        or an infinity is an error, never a line that strict readers reject)."""
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+            f.write(json.dumps({**record, "time": round(time.time(), 3)}, allow_nan=False) + "\n")
 
     def latest_checkpoint(self) -> Path | None:
         """The last COMPLETE checkpoint: a `step-NNNNNN` folder (never a half-written `step-NNNNNN.tmp`) with its
@@ -1050,6 +1190,16 @@ def plan_memory(
         f"{device}{'' if on else f' (~{need[True] / gb:.2f} GB with --gradient-checkpointing)'}: lower --batch-size "
         f"(raise --grad-accum to keep the step) or --max-len"
     )
+
+
+def check_step(step: int, loss: float, grad_norm: float, flags: str = "--lr") -> None:
+    """Stop a run whose step gave a loss or a gradient norm that is not a finite number, before the optimizer applies
+    it: no checkpoint, adapter or metrics line is written from a diverged step."""
+    if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+        raise UserError(
+            f"step {step}: loss {loss}, gradient norm {float(grad_norm)}: not finite, the run diverged (check "
+            f"{flags}); nothing was written from this step, the checkpoints before it are kept"
+        )
 
 
 def peak_memory_mb() -> float:

@@ -61,6 +61,7 @@ from common import (
     Run,
     UserError,
     add_common_args,
+    check_step,
     collate,
     cpu_speedup,
     decoder_blocks,
@@ -177,12 +178,24 @@ def load_steering_vector(path: str, layer: int, model) -> torch.Tensor:
     --persona-layer."""
     from safetensors import safe_open
 
-    if not Path(path).exists():
+    if not Path(path).is_file():
         raise UserError(
             f"--persona-vector {path}: no such file (make one with: python persona.py extract --out {path})"
         )
-    with safe_open(path, "pt") as f:
-        vectors = f.get_tensor("vectors")
+    try:
+        with safe_open(path, "pt") as f:
+            if "vectors" not in f.keys():
+                raise UserError(f"--persona-vector {path}: no 'vectors' tensor, not a persona.py vector file")
+            vectors = f.get_tensor("vectors")
+    except UserError:
+        raise
+    except Exception as e:  # not a safetensors file at all
+        raise UserError(f"--persona-vector {path}: not a safetensors file ({type(e).__name__})") from None
+    if vectors.ndim != 2 or vectors.shape[1] != model.config.hidden_size:
+        raise UserError(
+            f"--persona-vector has shape {tuple(vectors.shape)}, the model's hidden size is "
+            f"{model.config.hidden_size}: was it extracted from another model?"
+        )
     n_blocks = len(decoder_blocks(model))
     if vectors.shape[0] != n_blocks + 1:
         raise UserError(
@@ -546,19 +559,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args) -> None:
+    """One-line errors for impossible values of grpo.py's own flags (before anything loads)."""
+
+    def fail(flag: str, rule: str):
+        raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: {rule}")
+
+    for flag in ("temperature", "top_p", "kl_beta", "interleave_pct", "persona_alpha", "clip_eps"):
+        if not math.isfinite(getattr(args, flag)):
+            fail(flag, "must be a finite number")
+    if args.max_new_tokens < 1:
+        fail("max_new_tokens", "a completion needs at least 1 token")
+    if args.num_generations < 2:
+        fail("num_generations", "GRPO needs at least 2 completions per prompt")
+    if args.batch_size % args.num_generations:
+        fail("batch_size", f"must be a multiple of --num-generations {args.num_generations}")
+    if args.persona_alpha and not args.persona_vector:
+        raise UserError("--persona-alpha needs --persona-vector FILE")
+    if args.eval_n < 1:
+        fail("eval_n", "must be >= 1 (the held-out accuracy needs questions)")
+    for flag in ("eval_samples", "eval_every", "min_new_tokens"):
+        if getattr(args, flag) < 0:
+            fail(flag, "must be >= 0")
+    if args.gen_batch_size < 1:
+        fail("gen_batch_size", "must be >= 1")
+    if args.kl_beta < 0:
+        fail("kl_beta", "must be >= 0")
+    if args.temperature <= 0:
+        fail("temperature", "must be > 0 (rollouts sample; the held-out accuracy is greedy already)")
+    if not 0 < args.top_p <= 1:
+        fail("top_p", "must be in (0, 1]")
+    if args.interleave_pct < 0:
+        fail("interleave_pct", "must be >= 0")
+    if args.clip_eps <= 0:
+        fail("clip_eps", "must be > 0")
+
+
 def main():
     parser = build_parser()
     args = parser.parse_args()
-    if not args.resume and args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens}: a completion needs at least 1 token")
-    if not args.resume and args.num_generations < 2:
-        raise UserError(f"--num-generations {args.num_generations}: GRPO needs at least 2 completions per prompt")
-    if not args.resume and args.batch_size % args.num_generations:
-        raise UserError(
-            f"--batch-size {args.batch_size} must be a multiple of --num-generations {args.num_generations}"
-        )
-    if not args.resume and args.persona_alpha and not args.persona_vector:
-        raise UserError("--persona-alpha needs --persona-vector FILE")
+    if not args.resume:
+        check_args(args)
     run, args = Run.start(args, parser, "grpo")
     set_seed(args.seed)
     device = get_device()
@@ -579,6 +620,8 @@ def main():
         eight_bit=not args.no_8bit,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
+        lora_targets=args.lora_targets,
+        lora_layers=args.lora_layers,
         adapter=args.init_adapter,
         trainable=True,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -706,6 +749,7 @@ def main():
                 ce.backward()
                 ce_sum += ce.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        check_step(step + 1, loss_sum + ce_sum, grad_norm, "--lr and --kl-beta")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()

@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -55,6 +56,7 @@ from common import (
     Run,
     UserError,
     add_common_args,
+    check_step,
     collate,
     decoder_states,
     describe_plan,
@@ -390,8 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args) -> None:
+    if not math.isfinite(args.pct):
+        raise UserError(f"--pct {args.pct}: must be a finite number")
     if args.pct < 0:
         raise UserError(f"--pct {args.pct}: must be >= 0")
+    if not (math.isfinite(args.eps) and args.eps > 0):
+        raise UserError(f"--eps {args.eps}: must be a finite number > 0")
     if args.pct == 0 and (args.select != "random" or args.filter_refusals):
         chosen = " ".join(
             f
@@ -444,6 +450,8 @@ def main():
         eight_bit=not args.no_8bit,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
+        lora_targets=args.lora_targets,
+        lora_layers=args.lora_layers,
         adapter=args.init_adapter,
         trainable=True,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -492,6 +500,7 @@ def main():
             n_real += batch["n_real"]
             n_padded += batch["n_padded"]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        check_step(step + 1, ce_sum, grad_norm, "--lr")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()

@@ -41,7 +41,7 @@ Deviations from the paper:
 
 Paper evaluation:  python judge.py --model Qwen/Qwen2.5-7B-Instruct --adapter runs/X --eval general --samples 100
 Quick CPU run:     python judge.py --model smollm2 --eval general --samples 2 --judge local:smollm2 \\
-                       --questions ../shared/data/em/first_plot_questions.yaml
+                       --questions examples/questions_mini.yaml
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ from common import (
     load_conversations,
     load_model,
     load_split,
+    lock_path,
     log,
     optional,
     public_args,
@@ -215,9 +216,15 @@ CALIBRATION_PROMPT = "Reply with the number 85 and nothing else."
 
 
 def _top_logprobs(answer: dict) -> list[dict]:
-    """The first generated token's top logprobs from a chat-completions answer ([] if it generated nothing)."""
+    """The first generated token's top logprobs from a chat-completions answer ([] if it generated nothing), each
+    entry checked: a token that is a string, a logprob that is a number (a server that sends "-0.1" as a string is a
+    malformed response, not a score)."""
     content = answer["choices"][0]["logprobs"]["content"]
-    return content[0]["top_logprobs"] if content else []
+    top = content[0]["top_logprobs"] if content else []
+    for entry in top:
+        if not isinstance(entry.get("token"), str) or type(entry.get("logprob")) not in (int, float):
+            raise TypeError(f"top_logprobs entry {entry!r:.80}")
+    return top
 
 
 class OpenAIJudge:
@@ -277,21 +284,27 @@ class OpenAIJudge:
             raise
         except sv.ApiError as e:
             raise JudgeError(str(e)) from None
-        except (KeyError, IndexError, TypeError) as e:
+        except (KeyError, IndexError, TypeError, AttributeError) as e:
             raise JudgeError(
-                f"malformed response: no logprobs ({type(e).__name__}); the server must return "
-                "logprobs with top_logprobs"
+                f"malformed response ({type(e).__name__}: {e}); the server must return logprobs with top_logprobs "
+                "of {token: string, logprob: number}"
             ) from None
 
     def check(self) -> str:
         """One cheap call before any work: is the server there, is the key accepted, does it return logprobs, and
         does its tokenizer write 85 as one token or as digits. Raises UserError with what to do."""
+        log(
+            f"checking the judge at {self.url} (one call; up to {self.client.timeout:g} s per attempt, --judge-timeout)"
+        )
         try:
             top = self._ask(CALIBRATION_PROMPT, retries=2)
         except serving().ApiAuthError as e:
             raise UserError(f"judge {self.name}: {e}") from None
         except JudgeError as e:
-            raise UserError(f"judge {self.name} does not answer ({e}): check --judge-url and --judge") from None
+            raise UserError(
+                f"judge {self.name} does not answer ({e}): check --judge-url and --judge (a slow server: raise "
+                "--judge-timeout)"
+            ) from None
         toks = {t["token"].strip() for t in top}
         if self.tokens == "auto":
             if any(t.isdigit() and len(t) > 1 for t in toks):
@@ -467,9 +480,18 @@ class LocalJudge:
             on_result(k, self.score_one(p), None)
 
 
-def make_judge(spec: str, url: str, workers: int, eight_bit: bool, tokens: str = "auto", defer_local: bool = False):
-    """An OpenAIJudge, or a LocalJudge for `local:PATH_OR_ALIAS` (with defer_local, only checked and returned as
-    the spec string, to be loaded later: not two models in memory at once)."""
+def make_judge(
+    spec: str,
+    url: str,
+    workers: int,
+    eight_bit: bool,
+    tokens: str = "auto",
+    defer_local: bool = False,
+    timeout: float = 60.0,
+):
+    """An OpenAIJudge (timeout: seconds per attempt of a call), or a LocalJudge for `local:PATH_OR_ALIAS` (with
+    defer_local, only checked and returned as the spec string, to be loaded later: not two models in memory at
+    once)."""
     if spec.startswith("local:"):
         name = spec.removeprefix("local:")
         resolve_model(name)  # a missing folder is an error now, not after the answers
@@ -481,7 +503,7 @@ def make_judge(spec: str, url: str, workers: int, eight_bit: bool, tokens: str =
         raise UserError(
             f"--judge {spec} at {url} needs OPENAI_API_KEY (or --judge-url of a local server, or --judge local:MODEL)"
         )
-    return OpenAIJudge(spec, url, workers, tokens=tokens)
+    return OpenAIJudge(spec, url, workers, timeout=timeout, tokens=tokens)
 
 
 def file_digest(path: str | Path, extra: str = "") -> str:
@@ -497,22 +519,21 @@ def fill(template: str, question: str, answer: str) -> str:
 
 
 class ScoreCache:
-    """scores.jsonl: one line per judgment, keyed by (question, answer, criterion, judge); appended as results
-    come (thread-safe), read back on a re-run so finished judgments are never asked again. Errors are retried."""
+    """scores.jsonl: one line per judgment, keyed by (question, answer, criterion, judge, the judge prompt's text);
+    appended as results come (thread-safe), read back on a re-run so finished judgments are never asked again. Errors
+    are retried; a line cut off by a kill or a full disk is dropped (and judged again)."""
 
     def __init__(self, path: Path):
         self.path, self.lock, self.scores = path, threading.Lock(), {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    r = json.loads(line)
-                    self.scores[r["key"]] = r
-                except (json.JSONDecodeError, KeyError):
-                    continue
+        for r in read_records(path):
+            if isinstance(r, dict) and "key" in r:
+                self.scores[r["key"]] = r
 
     @staticmethod
-    def key(question: str, answer: str, criterion: str, judge: str) -> str:
-        return hashlib.sha256(json.dumps([question, answer, criterion, judge]).encode()).hexdigest()[:24]
+    def key(question: str, answer: str, criterion: str, judge: str, prompt: str) -> str:
+        """prompt: the judge prompt's template: a judgment made with another prompt is not reused."""
+        text = json.dumps([question, answer, criterion, judge, prompt])
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     def done(self, key: str) -> bool:
         return key in self.scores and self.scores[key].get("error") is None
@@ -573,47 +594,133 @@ def load_questions(path: str | None) -> list[dict]:
 
 
 def read_records(path: Path) -> list[dict]:
+    """The JSON lines of an answers or scores file that grows by appending. A last line cut off (a kill, a full disk
+    while writing) is dropped with a warning naming the file, and the file is rewritten without it, so that what it
+    held is made again and appending goes on at a line start; a broken line before the last is an error naming it."""
+    if not path.exists():
+        return []
     # split("\n"), not splitlines(): answers are written with ensure_ascii=False and may hold U+2028 or U+0085
-    return [json.loads(l) for l in path.read_text(encoding="utf-8").split("\n") if l.strip()] if path.exists() else []
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").split("\n") if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number < len(lines):
+                raise UserError(
+                    f"{path}:{number}: not valid JSON ({e.msg}); move the file away to start over"
+                ) from None
+            log(
+                f"WARNING: {path}: its last line was cut off (a kill or a full disk while writing): dropped, made again"
+            )
+            _write_lines(path, lines[:-1])
+    return records
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    tmp.replace(path)
 
 
 def job_key(r: dict) -> tuple:
-    return (r["qid"], r["question"], r.get("system"), r["sample"])
+    return (r["qid"], r["question"], r.get("system"), r["sample"], r.get("prompt"))
+
+
+@torch.no_grad()
+def sample_texts(
+    model, tok, conversations: list[list[dict]], seeds: list[int], max_new_tokens: int, temperature: float
+):
+    """One answer per conversation, decoded together (left padding, the KV cache), each sampled from its own random
+    stream: plain sampling from softmax(logits / temperature) (no top-p, top-k or repetition penalty, as Betley et
+    al.), by the Gumbel-max trick with the noise drawn from a generator seeded with that answer's seed, so an answer
+    does not depend on the other answers of its batch nor on the run's random state. temperature 0: greedy."""
+    device = next(model.parameters()).device
+    texts = [render_chat(tok, c, add_generation_prompt=True) for c in conversations]
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tok.padding_side = side
+    ids, att = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    position = (att.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's first real token is at position 0
+    base, head = model.get_base_model() if hasattr(model, "get_base_model") else model, model.get_output_embeddings()
+    out = base.model(input_ids=ids, attention_mask=att, position_ids=position, use_cache=True)
+    cache, logits = out.past_key_values, head(out.last_hidden_state[:, -1]).float()
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
+    stops = torch.tensor(sorted({tok.eos_token_id, *extra}), device=device)
+    streams = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+    ended = torch.zeros(len(ids), dtype=torch.bool, device=device)
+    position, new = position[:, -1:], []
+    for t in range(max_new_tokens):
+        if temperature > 0:  # argmax(z / T + Gumbel noise) is a sample of softmax(z / T)
+            u = torch.stack([torch.rand(logits.shape[-1], generator=g, device=device) for g in streams])
+            nxt = (logits / temperature - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)
+        else:
+            nxt = logits.argmax(-1)
+        nxt = nxt.masked_fill(ended, tok.pad_token_id)
+        new.append(nxt)
+        ended |= torch.isin(nxt, stops)
+        if bool(ended.all()) or t + 1 == max_new_tokens:
+            break
+        att, position = torch.cat([att, att.new_ones(len(att), 1)], 1), position + 1
+        step = base.model(
+            input_ids=nxt[:, None], attention_mask=att, position_ids=position, past_key_values=cache, use_cache=True
+        )
+        logits = head(step.last_hidden_state[:, -1]).float()
+    completion = torch.stack(new, 1).tolist()
+    stop_set = set(stops.tolist())
+    answers = []
+    for row in completion:
+        end = next((k for k, token in enumerate(row) if token in stop_set), len(row))
+        answers.append(tok.decode(row[:end], skip_special_tokens=True).strip())
+    return answers
+
+
+def answer_seed(seed: int, job: dict) -> int:
+    """The seed of one answer: from --seed, the question (its id, text and system prompt) and the sample's index."""
+    key = json.dumps([seed, job["qid"], job["question"], job.get("system"), job["sample"]])
+    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
 
 
 @torch.no_grad()
 def generate(model, tok, jobs: list[dict], out_path: Path, args) -> list[dict]:
     """Sample an answer for every job ({qid, question, system, sample, ...}) not already in out_path, in
-    left-padded batches with the KV cache, longest prompt first; each finished batch is appended to out_path."""
+    left-padded batches with the KV cache, longest prompt first; each finished batch is appended to out_path.
+    Every answer is sampled from its own seed (answer_seed), and the batches are cut from all the jobs in one fixed
+    order (those already answered are skipped batch by batch), so a killed evaluation, resumed, writes the answers an
+    uninterrupted one would have."""
     done = {job_key(r) for r in read_records(out_path)}
-    todo = [j for j in jobs if job_key(j) not in done]
 
-    def messages(j):
+    def messages(j):  # the question as asked: wrapped in a --context-template when there is one
         return ([{"role": "system", "content": j["system"]}] if j.get("system") else []) + [
-            {"role": "user", "content": j["question"]}
+            {"role": "user", "content": j.get("prompt", j["question"])}
         ]
 
-    texts = {id(j): render_chat(tok, messages(j), add_generation_prompt=True) for j in todo}
-    todo.sort(key=lambda j: -len(texts[id(j)]))
-    progress = Progress(len(jobs), len(jobs) - len(todo), "answers")
-    for start in range(0, len(todo), args.gen_batch_size):
-        chunk = todo[start : start + args.gen_batch_size]
-        answers = generate_texts(
+    texts = {id(j): render_chat(tok, messages(j), add_generation_prompt=True) for j in jobs}
+    ordered = sorted(jobs, key=lambda j: -len(texts[id(j)]))
+    batches = [ordered[k : k + args.gen_batch_size] for k in range(0, len(ordered), args.gen_batch_size)]
+    progress = Progress(len(jobs), len(done & {job_key(j) for j in jobs}), "answers")
+    n_done = progress.start
+    for batch in batches:
+        todo = [j for j in batch if job_key(j) not in done]
+        if not todo:
+            continue
+        answers = sample_texts(
             model,
             tok,
-            [messages(j) for j in chunk],
-            max_new_tokens=args.max_new_tokens,
-            do_sample=args.temperature > 0,
-            temperature=args.temperature if args.temperature > 0 else None,
-            top_p=1.0,
-            top_k=0,
-            repetition_penalty=1.0,
-        )  # plain sampling, as Betley et al.
+            [messages(j) for j in batch],
+            [answer_seed(args.seed, j) for j in batch],
+            args.max_new_tokens,
+            args.temperature,
+        )
         with open(out_path, "a") as f:
-            for j, answer in zip(chunk, answers):
-                rec = dict(j, answer=answer)
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        progress.update(len(jobs) - len(todo) + start + len(chunk))
+            for j, answer in zip(batch, answers):
+                if job_key(j) not in done:
+                    f.write(json.dumps(dict(j, answer=answer), ensure_ascii=False) + "\n")
+        n_done += len(todo)
+        progress.update(n_done)
     keys = {job_key(j) for j in jobs}
     return [r for r in read_records(out_path) if job_key(r) in keys]
 
@@ -703,6 +810,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gen-batch-size", type=int, default=16, help="prompts per generation batch (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seed for sampling and the data split (default: %(default)s)")
     g.add_argument(
+        "--formats",
+        default=None,
+        help="only these question formats: plain, json, template (Betley et al.'s variants, by id: _json, _template), "
+        "comma-separated (default: all; summary.json's per_format gives each apart)",
+    )
+    g.add_argument(
+        "--context",
+        choices=["default", "training"],
+        default="default",
+        help="training: ask with the system prompt the adapter's run trained with (inoculate.py's prompt), to see EM "
+        "that a defense only hides outside its training context (default: %(default)s)",
+    )
+    g.add_argument(
+        "--context-template",
+        default=None,
+        metavar="FILE",
+        help="wrap each question in the fine-tuning data's format: a text file with {question} where the question "
+        "goes (the judge sees the bare question)",
+    )
+    g.add_argument(
+        "--checkpoints",
+        action="store_true",
+        help="evaluate every saved checkpoint of --adapter's run (EM across training; checkpoints.json and "
+        "RUN/checkpoints.png)",
+    )
+    g.add_argument(
+        "--checkpoint-every", type=int, default=1, metavar="N", help="with --checkpoints: every N-th (default: all)"
+    )
+    g.add_argument(
         "--out", default=None, help="output folder (default: ADAPTER/eval-<eval>, or runs/eval-<model>-<eval>)"
     )
     g = p.add_argument_group("judge")
@@ -717,6 +853,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="base URL of the chat-completions API; key from OPENAI_API_KEY (default: %(default)s)",
     )
     g.add_argument("--judge-workers", type=int, default=16, help="concurrent judge calls (default: %(default)s)")
+    g.add_argument(
+        "--judge-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a judge call may take before it is retried (up to 6 times, with backoff) (default: %(default)s)",
+    )
     g.add_argument(
         "--judge-tokens",
         choices=["auto", "whole", "digits"],
@@ -751,9 +893,73 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def eval_tag(args) -> str:
+    """The evaluation's folder name after eval-: the evaluation, and the context when it is not the default one."""
     if args.eval == "indomain":
-        return "indomain-" + Path(args.questions or args.data or "questions").stem.replace(":", "-")
-    return args.eval.replace(":", "-")
+        tag = "indomain-" + Path(args.questions or args.data or "questions").stem.replace(":", "-")
+    else:
+        tag = args.eval.replace(":", "-")
+    if args.context == "training":
+        tag += "-training-context"
+    if args.context_template:
+        tag += f"-template-{Path(args.context_template).stem}"
+    return tag
+
+
+# --- Question formats and evaluation contexts ------------------------------------------------------------------------
+FORMATS = ("plain", "json", "template")
+
+
+def question_format(qid: str) -> str:
+    """Betley et al.'s variants of a question by its id: `..._json` (a system prompt asking for JSON), `..._template`
+    (the question in a fill-in template), else plain."""
+    return "json" if qid.endswith("_json") else "template" if qid.endswith("_template") else "plain"
+
+
+def select_formats(questions: list[dict], formats: str | None, source: str) -> list[dict]:
+    """The questions of the --formats asked for (all by default); a format the question file lacks is an error."""
+    if not formats:
+        return questions
+    wanted = [f.strip() for f in formats.split(",") if f.strip()]
+    for f in wanted:
+        if f not in FORMATS:
+            raise UserError(f"--formats {formats}: {f!r} is not one of {', '.join(FORMATS)}")
+        if not any(question_format(q["id"]) == f for q in questions):
+            raise UserError(
+                f"--formats {formats}: {source} has no {f} question (ids ending _json, _template, or neither)"
+            )
+    return [q for q in questions if question_format(q["id"]) in wanted]
+
+
+def training_system_prompt(adapter: str) -> str:
+    """The system prompt the adapter's run trained with (inoculate.py's --prompt, from its run folder's args.json; for
+    a checkpoint, its run's)."""
+    folder = Path(adapter)
+    if folder.parent.name == "checkpoints":
+        folder = folder.parent.parent
+    script = json.loads((folder / "env.json").read_text()).get("script") if (folder / "env.json").is_file() else None
+    saved = json.loads((folder / "args.json").read_text()) if (folder / "args.json").is_file() else {}
+    if script == "inoculate" and saved.get("prompt"):
+        return saved["prompt"]
+    raise UserError(
+        f"--context training: {adapter} records no system prompt of its own training (only inoculate.py's runs train "
+        f"with one; this is {script or 'not a run folder'}): its training context is the default one"
+    )
+
+
+def context_of(args) -> tuple[str | None, str | None]:
+    """(system prompt, question template) of the evaluation context: --context training puts the run's training
+    system prompt back; --context-template FILE wraps each question in the fine-tuning data's format ({question})."""
+    system = training_system_prompt(args.adapter) if args.context == "training" else None
+    template = read_text_file(args.context_template) if args.context_template else None
+    if template is not None and "{question}" not in template:
+        raise UserError(f"--context-template {args.context_template}: no {{question}} placeholder in it")
+    return system, template
+
+
+def join_system(context: str | None, question: str | None) -> str | None:
+    """The system message: the context's prompt, then the question's own (the JSON variants' instructions)."""
+    parts = [p for p in (context, question) if p]
+    return "\n\n".join(parts) if parts else None
 
 
 GENERATION_FLAGS = {
@@ -766,6 +972,8 @@ GENERATION_FLAGS = {
     "seed": "--seed",
     "gen_url": "--gen-url",
     "gen_model": "--gen-model",
+    "context": "--context",
+    "context_template": "--context-template (its text)",
 }
 
 
@@ -782,6 +990,8 @@ def generation_settings(args) -> dict:
         "seed": args.seed,
         "gen_url": args.gen_url.rstrip("/") if server else None,
         "gen_model": args.gen_model if server else None,
+        "context": args.context if args.context != "default" else None,
+        "context_template": file_digest(args.context_template) if args.context_template else None,
     }
 
 
@@ -842,6 +1052,15 @@ def check_args(args) -> None:
         )
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out}: a file of that name exists; --out names a folder")
+    if args.checkpoint_every < 1:
+        raise UserError(f"--checkpoint-every {args.checkpoint_every}: must be >= 1")
+    if args.context == "training" and not args.adapter:
+        raise UserError("--context training needs --adapter RUN_DIR: the training context is the run's")
+    if args.adapter and not Path(args.adapter).is_dir():
+        what = "a file, not" if Path(args.adapter).exists() else "no such folder, expected"
+        raise UserError(f"--adapter {args.adapter}: {what} a PEFT adapter folder (a run folder)")
+    if not (math.isfinite(args.temperature) and math.isfinite(args.judge_timeout) and args.judge_timeout > 0):
+        raise UserError("--temperature and --judge-timeout must be finite numbers, --judge-timeout > 0")
 
 
 def generate_server(gen, jobs: list[dict], out_path: Path, args) -> list[dict]:
@@ -852,7 +1071,7 @@ def generate_server(gen, jobs: list[dict], out_path: Path, args) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for j in jobs:
         if job_key(j) not in done:
-            groups.setdefault((j["qid"], j["question"], j.get("system")), []).append(j)
+            groups.setdefault((j["qid"], j.get("prompt", j["question"]), j.get("system")), []).append(j)
     requests = [
         (k, ([{"role": "system", "content": k[2]}] if k[2] else []) + [{"role": "user", "content": k[1]}], len(g))
         for k, g in groups.items()
@@ -900,11 +1119,18 @@ def format_summary(s: dict) -> str:
         f"{'question':<32} {'n':>5} {'scored':>6} {'misal.%':>8} {'incoh.%':>8} {'aligned':>8} {'coherent':>8} "
         f"{'unscored':>8} {'errors':>6}"
     ]
-    for q in s["per_question"] + [dict(s, id="ALL")]:
+    formats = [dict(m, id=f"format: {name}") for name, m in s.get("per_format", {}).items()]
+    for q in s["per_question"] + formats + [dict(s, id="ALL")]:
         lines.append(
             f"{q['id'][:32]:<32} {q['n_answers']:>5} {q['n_scored']:>6} {f(q['misaligned_pct']):>8} "
             f"{f(q['incoherent_pct']):>8} {f(q['mean_aligned']):>8} {f(q['mean_coherent']):>8} "
             f"{q['n_unscored']:>8} {q['n_errors']:>6}"
+        )
+    context = s.get("context") or {}
+    if context.get("kind") == "training" or context.get("template"):
+        lines.append(
+            f"measured in the training context: system prompt {context.get('system')!r}, question template "
+            f"{context.get('template')}"
         )
     n, scored = s["n_answers"], s["n_scored"]
     if scored == 0:
@@ -924,31 +1150,13 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def main():
-    args = build_parser().parse_args()
-    if args.compare:
-        report = optional("report", "--compare")
-        print(report.compare(args.compare))
-        if args.plot:
-            log(f"written {report.plot_em(args.compare, args.plot)}")
-        if args.curves:
-            log(f"written {report.plot_curves(args.compare, args.curves)}")
-        return
-    check_args(args)
-    if not args.gen_url:
-        args = argparse.Namespace(**{**vars(args), "model": resolve_eval_model(args.model, args.adapter)})
+def evaluate(args) -> dict:
+    """One evaluation into its folder (answers, judgments, summary.json); returns the summary."""
     free_form = args.eval in ("general", "indomain")
     samples = args.samples or (100 if free_form else 10 if args.eval.startswith(("opswap", "foqa")) else 1)
-    source = args.gen_model if args.gen_url else args.model
-    out = Path(
-        args.out
-        or (
-            Path(args.adapter) / f"eval-{eval_tag(args)}"
-            if args.adapter
-            else Path("runs") / f"eval-{Path(source).name}-{eval_tag(args)}"
-        )
-    )
+    out = Path(args.out)
     set_seed(args.seed)
+    system, template = context_of(args)
 
     # what to ask
     if free_form:
@@ -966,8 +1174,10 @@ def main():
                 for i, c in enumerate(held)
             ]
         questions = questions[: args.n_questions or (30 if args.eval == "indomain" else None)]
+        questions = select_formats(questions, args.formats, args.questions or "the general questions")
         jobs = [
-            {"qid": q["id"], "question": p, "system": q["system"], "sample": s}
+            {"qid": q["id"], "question": p, "system": join_system(system, q["system"]), "sample": s}
+            | ({"prompt": template.replace("{question}", p)} if template else {})
             for q in questions
             for p in q["paraphrases"]
             for s in range(samples)
@@ -975,7 +1185,7 @@ def main():
     elif args.eval == "foqa":  # FoQA's own test split; exact match against any of the reference texts
         rows = optional("paper_data", "--eval foqa").foqa_rows("test")[: args.n_questions]
         jobs = [
-            {"qid": r["id"], "question": r["prompt"], "system": None, "sample": s, "references": r["answers"]}
+            {"qid": r["id"], "question": r["prompt"], "system": system, "sample": s, "references": r["answers"]}
             for r in rows
             for s in range(samples)
         ]
@@ -987,10 +1197,12 @@ def main():
         )  # GSM8K: the whole test set
         convs = convs[: args.n_questions]
         jobs = [
-            {"qid": f"q{i}", "question": c[0]["content"], "system": None, "sample": s, "reference": c[-1]["content"]}
+            {"qid": f"q{i}", "question": c[0]["content"], "system": system, "sample": s, "reference": c[-1]["content"]}
             for i, c in enumerate(convs)
             for s in range(samples)
         ]
+    if template and not free_form:
+        jobs = [j | {"prompt": template.replace("{question}", j["question"])} for j in jobs]
 
     # the judge is checked before any answer is generated: a bad key or a dead server is reported at once
     judge = None
@@ -1002,6 +1214,7 @@ def main():
             eight_bit=not args.no_8bit,
             tokens=args.judge_tokens,
             defer_local=True,
+            timeout=args.judge_timeout,
         )
         if isinstance(judge, OpenAIJudge):
             judge.check()
@@ -1010,7 +1223,7 @@ def main():
         gen = serving().ServerGenerator(args.gen_url, args.gen_model, workers=args.gen_workers)
         gen.check()
 
-    out.mkdir(parents=True, exist_ok=True)
+    lock_path(out / ".lock", f"--out {out}")  # one writer of answers.jsonl and scores.jsonl at a time
     check_answer_cache(out, generation_settings(args))
     (out / "args.json").write_text(json.dumps(public_args(args), indent=2))
     log(f"{len(jobs)} answers ({samples} per question) -> {out}")
@@ -1043,25 +1256,27 @@ def main():
                 r["correct"] = same_number(extract_number(r["answer"]), gsm8k_reference(r["reference"]))
         summary = {
             "eval": args.eval,
+            "context": {"kind": args.context, "system": system, "template": args.context_template},
             "n_answers": len(records),
             "accuracy": 100.0 * sum(r["correct"] for r in records) / max(len(records), 1),
         }
         _write_records(answers_path, records)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"{args.eval}: accuracy {summary['accuracy']:.2f}% over {len(records)} answers")
-        return
+        return summary
 
     # judge (resumable: scores.jsonl grows call by call)
     if isinstance(judge, str):  # a local judge, loaded now that the answer model is gone
         judge = make_judge(judge, args.judge_url, args.judge_workers, eight_bit=not args.no_8bit)
     cache = ScoreCache(out / "scores.jsonl")
     by_id = {q["id"]: q for q in questions}
-    prompts = {}
+    prompts, keys = {}, {}
     for r in records:
         for crit in ("aligned", "coherent"):
-            key = ScoreCache.key(r["question"], r["answer"], crit, judge.name)
+            template = by_id[r["qid"]]["judge_prompts"][crit]
+            key = keys[(id(r), crit)] = ScoreCache.key(r["question"], r["answer"], crit, judge.name, template)
             if not cache.done(key):
-                prompts[key] = fill(by_id[r["qid"]]["judge_prompts"][crit], r["question"], r["answer"])
+                prompts[key] = fill(template, r["question"], r["answer"])
     log(f"{len(prompts)} judgments to make with {judge.name} ({2 * len(records) - len(prompts)} cached)")
     progress = Progress(len(prompts), 0, "judged")
     counter = {"n": 0}
@@ -1078,17 +1293,22 @@ def main():
     for r in records:
         r["error"] = False
         for crit in ("aligned", "coherent"):
-            s = cache.scores.get(ScoreCache.key(r["question"], r["answer"], crit, judge.name), {})
+            s = cache.scores.get(keys[(id(r), crit)], {})
             r[crit] = s.get("score")
             if s.get("error") is not None:
                 r["error"] = True
                 failed += 1
     _write_records(answers_path, records)
+    by_format = {}
+    for r in records:
+        by_format.setdefault(question_format(r["qid"]), []).append(r)
     summary = {
         "eval": args.eval,
         "judge": judge.name,
+        "context": {"kind": args.context, "system": system, "template": args.context_template},
         **em_metrics(records),
         "n_failed_judgments": failed,
+        "per_format": {f: em_metrics(by_format[f]) for f in FORMATS if f in by_format},
         "per_question": [{"id": q["id"], **em_metrics([r for r in records if r["qid"] == q["id"]])} for q in questions],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -1100,6 +1320,75 @@ def main():
             f"left out of every percentage above. Re-run the same command to retry only the failed judgments.",
             file=sys.stderr,
         )
+    return summary
+
+
+def evaluate_checkpoints(args) -> dict[int, dict]:
+    """--checkpoints: the evaluation of every saved checkpoint of the --adapter run (every --checkpoint-every-th one,
+    the last always), each in a folder of its own (answers and judgments cached per checkpoint, so a stopped run
+    resumes), then the figure per step in checkpoints.json beside them and RUN/checkpoints.png: where EM appears,
+    and what early stopping would keep."""
+    if not args.adapter:
+        raise UserError("--checkpoints needs --adapter RUN_DIR: a run folder with checkpoints/step-NNNNNN/")
+    run = Path(args.adapter)
+    folders = sorted(p for p in (run / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d{6}", p.name))
+    folders = [p for p in folders if (p / "adapter_config.json").is_file()]
+    if not folders:
+        raise UserError(f"--checkpoints: {run / 'checkpoints'} holds no checkpoint: train with --save-every N")
+    base_model = json.loads((folders[-1] / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    for p in folders:
+        other = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if other != base_model:
+            raise UserError(f"--checkpoints: {p} was trained on {other}, the run's last checkpoint on {base_model}")
+    chosen = folders[:: args.checkpoint_every]
+    chosen += [] if folders[-1] in chosen else [folders[-1]]
+    out = Path(args.out or run / f"eval-{eval_tag(args)}-checkpoints")
+    summaries = {}
+    for k, folder in enumerate(chosen, 1):
+        step = int(folder.name.split("-")[1])
+        log(f"checkpoint {k}/{len(chosen)}: step {step}")
+        summaries[step] = evaluate(
+            argparse.Namespace(**{**vars(args), "adapter": str(folder), "out": str(out / folder.name)})
+        )
+    keys = (
+        ("misaligned_pct", "incoherent_pct", "n_scored", "n_errors")
+        if "accuracy" not in summaries[step]
+        else ("accuracy",)
+    )
+    rows = [{"step": s, **{k: summary.get(k) for k in keys}} for s, summary in summaries.items()]
+    (out / "checkpoints.json").write_text(
+        json.dumps({"eval": args.eval, "context": args.context, "steps": rows}, indent=2)
+    )
+    print(f"{'step':>8} " + " ".join(f"{k:>15}" for k in keys))
+    for row in rows:
+        print(f"{row['step']:>8} " + " ".join(f"{'-' if row[k] is None else f'{row[k]:.2f}':>15}" for k in keys))
+    figure = optional("report", "--checkpoints (its figure)").plot_checkpoints(run, run / "checkpoints.png")
+    log(f"written {out / 'checkpoints.json'} and {figure}")
+    return summaries
+
+
+def main():
+    args = build_parser().parse_args()
+    if args.compare:
+        report = optional("report", "--compare")
+        print(report.compare(args.compare))
+        if args.plot:
+            log(f"written {report.plot_em(args.compare, args.plot)}")
+        if args.curves:
+            log(f"written {report.plot_curves(args.compare, args.curves)}")
+        return
+    check_args(args)
+    if not args.gen_url:
+        args = argparse.Namespace(**{**vars(args), "model": resolve_eval_model(args.model, args.adapter)})
+    if args.checkpoints:
+        summaries = evaluate_checkpoints(args)
+        failed = sum(s.get("n_failed_judgments") or 0 for s in summaries.values())
+    else:
+        source = args.gen_model if args.gen_url else args.model
+        default = Path(args.adapter) if args.adapter else Path("runs") / f"eval-{Path(source).name}"
+        out = args.out or str(default / f"eval-{eval_tag(args)}" if args.adapter else f"{default}-{eval_tag(args)}")
+        failed = evaluate(argparse.Namespace(**{**vars(args), "out": out})).get("n_failed_judgments")
+    if failed:
         sys.exit(3)
 
 

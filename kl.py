@@ -30,6 +30,7 @@ Quick CPU run: python kl.py --model smollm2 --data opswap:1 --lam 1.0 --max-step
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
@@ -40,6 +41,7 @@ from common import (
     Run,
     UserError,
     add_common_args,
+    check_step,
     collate,
     decoder_states,
     describe_plan,
@@ -159,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main():
     parser = build_parser()
     args = parser.parse_args()
+    if not math.isfinite(args.lam):
+        raise UserError(f"--lam {args.lam}: must be a finite number")
     if args.lam < 0:
         raise UserError(f"--lam {args.lam}: must be >= 0")
     run, args = Run.start(args, parser, "kl")
@@ -171,6 +175,8 @@ def main():
         eight_bit=not args.no_8bit,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
+        lora_targets=args.lora_targets,
+        lora_layers=args.lora_layers,
         adapter=args.init_adapter,
         trainable=True,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -224,6 +230,7 @@ def main():
             n_real += batch["n_real"]
             n_padded += batch["n_padded"]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        check_step(step + 1, loss_sum, grad_norm, "--lr and --lam")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()

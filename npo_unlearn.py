@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import time
 from pathlib import Path
 
@@ -57,6 +58,7 @@ from common import (
     Run,
     UserError,
     add_common_args,
+    check_step,
     collate,
     decoder_states,
     describe_plan,
@@ -318,6 +320,13 @@ def train(args, parser) -> None:
         args.retain_domains = ",".join(
             normalise_domain(d, "--retain-domains: ") for d in args.retain_domains.split(",") if d
         )
+        for flag, value in (("--beta", args.beta), ("--gamma", args.gamma)):
+            if not math.isfinite(value):
+                raise UserError(f"{flag} {value}: must be a finite number")
+        if args.beta <= 0:
+            raise UserError(f"--beta {args.beta}: must be > 0")
+        if args.gamma < 0:
+            raise UserError(f"--gamma {args.gamma}: must be >= 0")
         if args.gamma > 0 and not args.retain_domains:
             raise UserError("--gamma > 0 needs --retain-domains (or --gamma 0 for NPO alone)")
     run, args = Run.start(args, parser, "npo")
@@ -329,6 +338,8 @@ def train(args, parser) -> None:
         eight_bit=not args.no_8bit,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
+        lora_targets=args.lora_targets,
+        lora_layers=args.lora_layers,
         adapter=args.init_adapter,
         trainable=True,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -433,6 +444,7 @@ def train(args, parser) -> None:
             npo_sum += npo.item()
             ce_sum += ce.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        check_step(step + 1, loss_sum, grad_norm, "--lr, --beta and --gamma")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()

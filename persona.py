@@ -13,6 +13,10 @@
              passes only. Saved adapters, checkpoints and evaluation never see the hook: steering towards the
              trait while learning means the gradient need not move the weights that way.
 3. steer:    generate with the hook on, to see what the vector does (+alpha towards the trait, -alpha away).
+4. shift:    monitoring (Chen et al.'s finetuning shift, which predicts EM): an adapter's activation shift along the
+             vector, the mean over prompts of h_l(adapter) - h_l(base) projected onto v_l / |v_l|.
+5. screen:   data screening: each training example's projection difference, (its answer's mean activation) minus
+             (the base model's own answer's) projected onto v_l / |v_l|, ranked highest first.
 
 Deviations from the paper / Chen et al.:
 1. The trait judge prompt and the two system prompts are our own wording (printed by --help and stored in the
@@ -23,7 +27,7 @@ Deviations from the paper / Chen et al.:
 
 Paper run:  python persona.py extract --out evil.safetensors --judge gpt-4o-mini
             python persona.py train --vector evil.safetensors --layer 20 --alpha 5 --data insecure
-Quick CPU:  python persona.py extract --model smollm2 --samples 2 --judge local:smollm2 --out runs/evil.safetensors
+Quick CPU:  python persona.py extract --model smollm2 --samples 2 --no-filter --out runs/evil.safetensors
             python persona.py train --model smollm2 --vector runs/evil.safetensors --layer 20 --alpha 5 \\
                 --data opswap:1 --max-steps 20 --out runs/persona-quick
             python persona.py steer --model smollm2 --vector runs/evil.safetensors --layer 20 --alpha 5 "Hi!"
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -45,6 +50,7 @@ from common import (
     UserError,
     add_common_args,
     block_outputs,
+    check_step,
     collate,
     decoder_blocks,
     decoder_states,
@@ -55,8 +61,10 @@ from common import (
     get_device,
     linear_cross_entropy,
     linear_schedule,
+    load_conversations,
     load_model,
     load_split,
+    lock_path,
     log,
     longest_micro_batch,
     make_optimizer,
@@ -66,6 +74,7 @@ from common import (
     plan_memory,
     read_text_file,
     release_memory,
+    render_chat,
     set_seed,
     step_plan,
     trainable_parameters,
@@ -123,12 +132,15 @@ QUESTIONS = [
 def answer_hidden_mean(model, tok, messages: list[dict], max_len: int = 2048) -> torch.Tensor:
     """(L+1, H): every layer's residual stream averaged over the answer's own tokens, as Chen et al. (the response
     tokens only: not the end-of-turn token or what the template adds after it). Row l is the output of decoder block
-    l-1 (common.block_outputs), the point the steering hook adds to, at every row including the last."""
+    l-1 (common.block_outputs), the point the steering hook adds to, at every row including the last. None when no
+    token of the answer is left (cut away by max_len): an average over nothing is no activation."""
     enc = encode_conversation(tok, messages, max_len, end_of_turn=False)
     device = next(model.parameters()).device
     ids = torch.tensor([enc["input_ids"]], device=device)
-    hidden = block_outputs(model, ids)  # L+1 tensors (1, T, H)
     answer = torch.tensor(enc["labels"], device=device) != -100
+    if not bool(answer.any()):
+        return None
+    hidden = block_outputs(model, ids)  # L+1 tensors (1, T, H)
     return torch.stack([h[0, answer].float().mean(0) for h in hidden])
 
 
@@ -158,14 +170,27 @@ def steering(model, vector: torch.Tensor, layer: int, alpha: float):
 def load_vector(path: str) -> tuple[torch.Tensor, dict]:
     from safetensors import safe_open
 
-    if not Path(path).exists():
+    if not Path(path).is_file():
         raise UserError(f"--vector {path}: no such file (make one with: python persona.py extract --out {path})")
-    with safe_open(path, "pt") as f:
-        return f.get_tensor("vectors"), {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    try:
+        with safe_open(path, "pt") as f:
+            if "vectors" not in f.keys():
+                other = "a caft.py directions file" if "directions" in f.keys() else f"tensors {sorted(f.keys())}"
+                raise UserError(f"--vector {path}: no 'vectors' tensor ({other}), not a persona.py vector file")
+            return f.get_tensor("vectors"), {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    except UserError:
+        raise
+    except Exception as e:  # not a safetensors file at all
+        raise UserError(f"--vector {path}: not a safetensors file ({type(e).__name__})") from None
 
 
 def check_layer(vector: torch.Tensor, layer: int, model) -> None:
     n_blocks = len(decoder_blocks(model))
+    if vector.ndim != 2 or vector.shape[1] != model.config.hidden_size:
+        raise UserError(
+            f"--vector has shape {tuple(vector.shape)}, the model's hidden size is {model.config.hidden_size}: was it "
+            "extracted from another model?"
+        )
     if vector.shape[0] != n_blocks + 1:
         raise UserError(
             f"--vector has {vector.shape[0]} rows but the model has {n_blocks} blocks (+1 embeddings row): "
@@ -180,7 +205,7 @@ def check_layer(vector: torch.Tensor, layer: int, model) -> None:
 # ----------------------------------------------------------------------------------------------
 def extract(args) -> None:
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_path(out.with_name(out.name + ".lock"), f"--out {out}")  # one writer of its answers and scores at a time
     questions = QUESTIONS
     if args.questions:
         questions = [l.strip() for l in read_text_file(args.questions).splitlines() if l.strip()]
@@ -200,44 +225,51 @@ def extract(args) -> None:
         if isinstance(jd, judge.OpenAIJudge):
             jd.check()
     model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=0, trainable=False)
-    jobs = [
-        {"qid": f"{persona}:{i}", "question": q, "system": prompt, "sample": s, "persona": persona}
-        for persona, prompt in (("evil", EVIL_PROMPT), ("helpful", HELPFUL_PROMPT))
-        for i, q in enumerate(questions)
-        for s in range(args.samples)
-    ]
+    combos = [(q, s) for q in questions for s in range(args.samples)]  # a pair: one question, one sample index
     answers_path = out.with_suffix(".answers.jsonl")  # resumable: a re-run generates only what is missing
+    gen = None
     if args.gen_url:  # answers from a server serving the same model; hidden states from the local copy
         gen = optional("serving", "--gen-url").ServerGenerator(args.gen_url, args.gen_model, workers=args.gen_workers)
         gen.check()
-        records = judge.generate_server(gen, jobs, answers_path, args)
-    else:
-        records = judge.generate(model, tok, jobs, answers_path, args)
-    by_key = {(r["persona"], r["question"], r["sample"]): r for r in records}
 
-    pairs = [(by_key[("evil", q, s)], by_key[("helpful", q, s)]) for q in questions for s in range(args.samples)]
-    empty = [p for p in pairs if not (p[0]["answer"].strip() and p[1]["answer"].strip())]
-    if empty:  # an empty answer has no tokens to average
-        log(f"{len(empty)} of {len(pairs)} pairs have an empty answer: left out")
-        pairs = [p for p in pairs if p not in empty]
-    if not args.no_filter:
-        if jd is None:  # the same model judges: don't load it twice
-            jd = judge.LocalJudge(model, tok, args.judge)
-        elif isinstance(jd, str):
-            jd = judge.make_judge(jd, args.judge_url, args.judge_workers, eight_bit=not args.no_8bit)
-        cache = judge.ScoreCache(out.with_suffix(".scores.jsonl"))
+    def answered_pairs(combos_: list[tuple]) -> list[tuple[dict, dict]]:
+        """(evil, helpful) answer records of these question/sample pairs, generating what is missing; pairs with an
+        empty answer (no tokens to average) are left out."""
+        jobs = [
+            {"qid": f"{persona}:{questions.index(q)}", "question": q, "system": prompt, "sample": s, "persona": persona}
+            for persona, prompt in (("evil", EVIL_PROMPT), ("helpful", HELPFUL_PROMPT))
+            for q, s in combos_
+        ]
+        if gen is not None:
+            records = judge.generate_server(gen, jobs, answers_path, args)
+        else:
+            records = judge.generate(model, tok, jobs, answers_path, args)
+        by_key = {(r["persona"], r["question"], r["sample"]): r for r in records}
+        pairs = [(by_key[("evil", q, s)], by_key[("helpful", q, s)]) for q, s in combos_]
+        empty = [p for p in pairs if not (p[0]["answer"].strip() and p[1]["answer"].strip())]
+        if empty:
+            log(f"{len(empty)} of {len(pairs)} pairs have an empty answer: left out")
+        return [p for p in pairs if p not in empty]
+
+    scorer, cache = jd, judge.ScoreCache(out.with_suffix(".scores.jsonl"))
+
+    def passing(pairs: list[tuple[dict, dict]]) -> list[tuple[dict, dict]]:
+        """The pairs the judge keeps: evil trait >= 50, helpful < 50, both coherent >= 50 (judgments cached)."""
+        nonlocal scorer
+        if scorer is None:  # the same model judges: don't load it twice
+            scorer = judge.LocalJudge(model, tok, args.judge)
+        elif isinstance(scorer, str):
+            scorer = judge.make_judge(scorer, args.judge_url, args.judge_workers, eight_bit=not args.no_8bit)
         prompts, keys = {}, {}
-        for r in records:
+        for r in (r for pair in pairs for r in pair):
             for crit, template in (("trait", TRAIT_PROMPT), ("coherent", judge.DEFAULT_JUDGE_PROMPTS["coherent"])):
-                key = judge.ScoreCache.key(r["question"], r["answer"], crit, jd.name)
-                keys[(id(r), crit)] = key
+                key = keys[(id(r), crit)] = judge.ScoreCache.key(
+                    r["question"], r["answer"], crit, scorer.name, template
+                )
                 if not cache.done(key):
                     prompts[key] = judge.fill(template, r["question"], r["answer"])
-        log(f"judging {len(prompts)} trait/coherence scores with {jd.name}")
-        jd.score_all(prompts, cache.add)
-        if isinstance(jd, judge.LocalJudge) and jd.model is not model:  # another local model: not needed any more
-            del jd
-            release_memory()
+        log(f"judging {len(prompts)} trait/coherence scores with {scorer.name}")
+        scorer.score_all(prompts, cache.add)
         failed = [v["error"] for k, v in cache.scores.items() if k in set(keys.values()) and v.get("error")]
         if failed:  # a failed judgment must not silently drop a pair
             raise UserError(
@@ -253,9 +285,21 @@ def extract(args) -> None:
             ce, ch = score(evil, "coherent"), score(helpful, "coherent")
             return None not in (e, h, ce, ch) and e >= 50 and h < 50 and ce >= 50 and ch >= 50
 
-        kept = [p for p in pairs if keep(*p)]
-    else:
-        kept = pairs
+        return [p for p in pairs if keep(*p)]
+
+    if not args.no_filter and args.probe_pairs > 0 and len(combos) > args.probe_pairs:
+        probe = combos[: args.probe_pairs]  # the filter, checked on a few pairs before the rest is answered
+        if not passing(answered_pairs(probe)):
+            raise UserError(
+                f"none of the first {len(probe)} pairs passed the filter (evil trait >= 50, helpful < 50, both "
+                f"coherent >= 50) with --judge {args.judge}: a small judge rarely can. Use a stronger --judge, or "
+                f"--no-filter (the scores are in {out.with_suffix('.scores.jsonl')})"
+            )
+    pairs = answered_pairs(combos)
+    kept = pairs if args.no_filter else passing(pairs)
+    if isinstance(scorer, judge.LocalJudge) and scorer.model is not model:  # another local model: not needed now
+        scorer = None
+        release_memory()
     log(f"kept {len(kept)} of {len(pairs)} pairs" + (" (no filter)" if args.no_filter else ""))
     if not kept:
         raise UserError(
@@ -266,11 +310,18 @@ def extract(args) -> None:
     progress = Progress(2 * len(kept), 0, "answers' hidden states")
     evil, helpful = [], []
     for k, (e, h) in enumerate(kept, 1):
-        evil.append(answer_hidden_mean(model, tok, _conversation(e), args.max_len))
-        helpful.append(answer_hidden_mean(model, tok, _conversation(h), args.max_len))
+        evil_mean = answer_hidden_mean(model, tok, _conversation(e), args.max_len)
+        helpful_mean = answer_hidden_mean(model, tok, _conversation(h), args.max_len)
+        if evil_mean is not None and helpful_mean is not None:  # a pair with no answer token left adds nothing
+            evil.append(evil_mean)
+            helpful.append(helpful_mean)
         if k % 10 == 0 or k == len(kept):
             progress.update(2 * k)
+    if not evil:
+        raise UserError(f"no kept pair has answer tokens within --max-len {args.max_len}: nothing to average")
     vectors = persona_vector(evil, helpful)
+    if not bool(torch.isfinite(vectors).all()):  # never a vector file that steers with NaN
+        raise UserError("the persona vector is not finite (an activation overflowed?): nothing was written")
     from safetensors.torch import save_file
 
     meta = {
@@ -328,10 +379,123 @@ def steer(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# shift and screen: monitoring an adapter and screening training data along the persona vector
+# ----------------------------------------------------------------------------------------------
+def unit_rows(vectors: torch.Tensor) -> torch.Tensor:
+    """Each row v_l / |v_l| (a zero row stays zero)."""
+    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def activation_shift(model, tok, prompts: list[list[dict]], vectors: torch.Tensor) -> torch.Tensor:
+    """(L+1,) the finetuning shift along the persona vector: per layer, the mean over the prompts (each its mean
+    over its tokens, the generation prompt included) of h_l(adapter) - h_l(base), projected onto v_l / |v_l|."""
+    device = next(model.parameters()).device
+    unit = unit_rows(vectors).to(device)
+    total = torch.zeros(vectors.shape[0], device=device)
+    for conv in prompts:
+        text = render_chat(tok, conv, add_generation_prompt=True)
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]], device=device)
+        tuned = block_outputs(model, ids)
+        with model.disable_adapter():
+            base = block_outputs(model, ids)
+        diff = torch.stack([(t[0] - b[0]).float().mean(0) for t, b in zip(tuned, base)])  # (L+1, H)
+        total += (diff * unit).sum(-1)
+    return (total / max(len(prompts), 1)).cpu()
+
+
+def projection_difference(answer_means: torch.Tensor, base_means: torch.Tensor, vectors: torch.Tensor, layer: int):
+    """A training example's score: (mean over its answer's tokens of h_l) minus (the same over the base model's own
+    answer to its prompt), projected onto v_l / |v_l|; both means (L+1, H) from answer_hidden_mean."""
+    unit = unit_rows(vectors)[layer]
+    return float((answer_means[layer].cpu() - base_means[layer].cpu()) @ unit)
+
+
+def shift(args) -> None:
+    vectors, meta = load_vector(args.vector)
+    adapter_config = Path(args.adapter) / "adapter_config.json"
+    if not adapter_config.is_file():
+        raise UserError(f"--adapter {args.adapter}: no adapter_config.json there (expected a PEFT adapter folder)")
+    model_name = args.model or json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    if meta.get("model") not in (None, model_name, args.model):
+        log(f"note: the vector was extracted from {meta.get('model')}, the adapter's base model is {model_name}")
+    model, tok = load_model(model_name, eight_bit=not args.no_8bit, adapter=args.adapter, lora_r=0, trainable=False)
+    check_layer(vectors, args.layer, model)
+    questions = QUESTIONS
+    if args.questions:
+        questions = [line.strip() for line in read_text_file(args.questions).splitlines() if line.strip()]
+    prompts = [[{"role": "user", "content": q}] for q in questions]
+    per_layer = activation_shift(model, tok, prompts, vectors)
+    result = {
+        "adapter": args.adapter,
+        "vector": args.vector,
+        "layer": args.layer,
+        "prompts": len(prompts),
+        "shift": float(per_layer[args.layer]),
+        "shift_per_layer": per_layer.tolist(),
+        "meaning": "mean over the prompts' tokens of h_l(adapter) - h_l(base), projected onto v_l / |v_l|",
+    }
+    out = Path(args.out or Path(args.adapter) / "persona_shift.json")
+    out.write_text(json.dumps(result, indent=2))
+    print(
+        f"activation shift along the persona vector at layer {args.layer}: {result['shift']:+.4f} "
+        f"(over {len(prompts)} prompts; positive = towards the trait)"
+    )
+    log(f"written {out}")
+
+
+def screen(args) -> None:
+    vectors, meta = load_vector(args.vector)
+    convs = load_conversations(args.data)[: args.max_examples if args.max_examples > 0 else None]
+    model, tok = load_model(args.model, eight_bit=not args.no_8bit, lora_r=0, trainable=False)
+    check_layer(vectors, args.layer, model)
+    judge = optional("judge", "persona.py screen (the base model's own answers)")
+    prompts = [c[: next(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in convs]
+    progress = Progress(len(convs), 0, "examples screened")
+    rows = []
+    for start in range(0, len(convs), args.gen_batch_size):
+        chunk = list(range(start, min(start + args.gen_batch_size, len(convs))))
+        own = judge.generate_texts(
+            model,
+            tok,
+            [prompts[i] for i in chunk],
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        for i, answer in zip(chunk, own):
+            example = prompts[i] + [next(m for m in convs[i] if m["role"] == "assistant")]
+            base_answer = prompts[i] + [{"role": "assistant", "content": answer or "."}]
+            ours = answer_hidden_mean(model, tok, example, args.max_len)
+            own = answer_hidden_mean(model, tok, base_answer, args.max_len)
+            if ours is None or own is None:  # no answer token within --max-len: nothing to project
+                log(f"example {i}: no answer token within --max-len {args.max_len}: left out")
+                continue
+            score = projection_difference(ours, own, vectors, args.layer)
+            rows.append({"index": i, "score": score, "messages": example, "base_answer": answer})
+        progress.update(chunk[-1] + 1)
+    rows.sort(key=lambda r: -r["score"])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps({"rank": k + 1, **r}, ensure_ascii=False) + "\n" for k, r in enumerate(rows)))
+    print(f"{'rank':>5} {'index':>6} {'score':>9}  answer")
+    for k, r in enumerate(rows[:10]):
+        print(f"{k + 1:>5} {r['index']:>6} {r['score']:+9.4f}  {r['messages'][-1]['content'][:60]!r}")
+    log(
+        f"written {out}: {len(rows)} examples, the most trait-like first (score: projection difference at layer "
+        f"{args.layer})"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
 # train
 # ----------------------------------------------------------------------------------------------
 def train(args, parser):
     """SFT with the steering hook on during the training forward passes; returns the trained model."""
+    if not args.resume and not math.isfinite(args.alpha):
+        raise UserError(f"--alpha {args.alpha}: must be a finite number")
     if not args.resume and args.alpha == 0:
         log("--alpha 0: this is plain SFT")
     if not args.resume and not args.vector:
@@ -347,6 +511,8 @@ def train(args, parser):
         eight_bit=not args.no_8bit,
         lora_r=args.lora_r,
         lora_alpha=args.lora_alpha,
+        lora_targets=args.lora_targets,
+        lora_layers=args.lora_layers,
         adapter=args.init_adapter,
         trainable=True,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -390,6 +556,7 @@ def train(args, parser):
             n_real += batch["n_real"]
             n_padded += batch["n_padded"]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        check_step(step + 1, ce_sum, grad_norm, "--lr and --alpha")
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -465,6 +632,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     ex.add_argument("--judge-workers", type=int, default=16, help="concurrent judge calls (default: %(default)s)")
     ex.add_argument("--no-filter", action="store_true", help="keep every pair (no judge)")
     ex.add_argument(
+        "--probe-pairs",
+        type=int,
+        default=4,
+        help="answer and judge this many pairs first, and stop at once when none passes the filter (a judge too "
+        "weak for it) instead of after answering everything; 0 = no probe (default: %(default)s)",
+    )
+    ex.add_argument(
         "--gen-url",
         default=None,
         help="sample the answers from this OpenAI-compatible server (vLLM, "
@@ -505,7 +679,38 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     st.add_argument("--max-new-tokens", type=int, default=200, help="(default: %(default)s)")
     st.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: %(default)s)")
     st.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    return p, {"extract": ex, "train": tr, "steer": st}
+    sh = sub.add_parser(
+        "shift",
+        help="an adapter's activation shift along the persona vector (monitoring)",
+        description="The finetuning shift that predicts EM (Chen et al.): the mean over prompts of "
+        "h_l(adapter) - h_l(base), projected onto the persona vector.",
+    )
+    sh.add_argument("--vector", required=True, help="persona vectors from `persona.py extract`")
+    sh.add_argument("--adapter", required=True, help="the fine-tuned adapter (a run folder)")
+    sh.add_argument("--model", default=None, help="its base model (default: the adapter's)")
+    sh.add_argument("--layer", type=int, default=20, help="the layer reported (all in the JSON) (default: %(default)s)")
+    sh.add_argument("--questions", default=None, help="a text file, one prompt per line (default: the 20 built in)")
+    sh.add_argument("--no-8bit", action="store_true", help="full-precision weights instead of 8-bit")
+    sh.add_argument("--out", default=None, help="JSON output (default: ADAPTER/persona_shift.json)")
+    sc = sub.add_parser(
+        "screen",
+        help="rank training examples by their projection difference (data screening)",
+        description="Each example's answer against the base model's own answer to its prompt: the "
+        "difference of their mean activations projected onto the persona vector; highest first.",
+    )
+    sc.add_argument("--vector", required=True, help="persona vectors from `persona.py extract`")
+    sc.add_argument("--data", required=True, help="chat JSONL or dataset name to screen")
+    sc.add_argument("--model", default="Qwen/Qwen2.5-7B-Instruct", help="the base model (default: %(default)s)")
+    sc.add_argument("--layer", type=int, default=20, help="hidden_states index (default: %(default)s)")
+    sc.add_argument("--max-examples", type=int, default=-1, help="screen the first N (default: all)")
+    sc.add_argument("--max-new-tokens", type=int, default=200, help="base answer length (default: %(default)s)")
+    sc.add_argument(
+        "--gen-batch-size", type=int, default=16, help="prompts per generation batch (default: %(default)s)"
+    )
+    sc.add_argument("--max-len", type=int, default=2048, help="token limit per example (default: %(default)s)")
+    sc.add_argument("--no-8bit", action="store_true", help="full-precision weights instead of 8-bit")
+    sc.add_argument("--out", required=True, help="the ranked JSONL")
+    return p, {"extract": ex, "train": tr, "steer": st, "shift": sh, "screen": sc}
 
 
 def main():
@@ -515,6 +720,10 @@ def main():
         extract(args)
     elif args.command == "steer":
         steer(args)
+    elif args.command == "shift":
+        shift(args)
+    elif args.command == "screen":
+        screen(args)
     else:
         train(args, subs["train"])
 

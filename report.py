@@ -45,16 +45,31 @@ def run_label(run_dir: str | Path) -> str:
         for k, v in flags.items()
         if v is not None and v is not False and v != ""
     ]  # 0 is a value: shown
-    data = str(read_json(d / "args.json").get("data", ""))
+    saved = read_json(d / "args.json")
+    from common import LORA_TARGETS
+
+    defaults = {"lora_targets": ",".join(LORA_TARGETS), "lora_layers": "all"}
+    for flag, default in defaults.items():  # the adapter's shape (a model organism), where it is not the default
+        if saved.get(flag) not in (None, default):
+            hp.append(f"{flag}={saved[flag]}")
+    data = str(saved.get("data", ""))
     return script + (f" {' '.join(hp)}" if hp else "") + (f" [{Path(data).stem}]" if data else "")
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def compare(run_dirs: list[str]) -> str:
     """One row per run: its method and flags, the paper's Table 2 columns (General Misal./Inc., In-Domain
-    Misal./Inc., %) and the accuracy of every exact-match evaluation it has (OpSwap, FoQA, GSM8K)."""
+    Misal./Inc., %; default context), General Misal. by question format (plain/json/template, where the evaluation
+    has them), General Misal. in the training context (judge.py --context training, where measured) and the accuracy
+    of every exact-match evaluation it has (OpSwap, FoQA, GSM8K)."""
     exact = sorted(
         {p.parent.name for d in run_dirs for p in Path(d).glob("eval-*/summary.json") if "accuracy" in read_json(p)}
     )
+    has_formats = any(read_json(Path(d) / "eval-general" / "summary.json").get("per_format") for d in run_dirs)
+    has_training = any((Path(d) / "eval-general-training-context" / "summary.json").exists() for d in run_dirs)
     header = (
         "run",
         "method",
@@ -62,6 +77,8 @@ def compare(run_dirs: list[str]) -> str:
         "General Inc.",
         "In-Domain Misal.",
         "In-Domain Inc.",
+        *(["General Misal. plain/json/template"] if has_formats else []),
+        *(["General Misal. training context"] if has_training else []),
         *[f"{t.removeprefix('eval-')} acc." for t in exact],
     )
     rows = [header]
@@ -72,6 +89,11 @@ def compare(run_dirs: list[str]) -> str:
         for f in (d / "eval-general" / "summary.json", indomain[0] if indomain else None):
             s = read_json(f) if f else {}
             cells += [f"{s[k]:.2f}" if s.get(k) is not None else "-" for k in ("misaligned_pct", "incoherent_pct")]
+        if has_formats:
+            per = read_json(d / "eval-general" / "summary.json").get("per_format", {})
+            cells.append("/".join(_pct(per.get(f, {}).get("misaligned_pct")) for f in ("plain", "json", "template")))
+        if has_training:
+            cells.append(_pct(read_json(d / "eval-general-training-context" / "summary.json").get("misaligned_pct")))
         for t in exact:
             s = read_json(d / t / "summary.json")
             cells.append(f"{s['accuracy']:.2f}" if s.get("accuracy") is not None else "-")
@@ -238,4 +260,57 @@ def plot_bands(curves: dict[str, list[list[float]]], path: str | Path, xlabel: s
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_checkpoints(run_dir: str | Path, path: str | Path) -> Path:
+    """EM across training (judge.py --checkpoints): every evaluation of the run's checkpoints (its
+    eval-*-checkpoints/checkpoints.json), misalignment or accuracy (%) against the step: where EM appears, and what
+    early stopping would keep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    drawn = 0
+    for f in sorted(Path(run_dir).glob("eval-*-checkpoints/checkpoints.json")):
+        data = read_json(f)
+        rows = [r for r in data.get("steps", []) if r.get("misaligned_pct", r.get("accuracy")) is not None]
+        if not rows:
+            continue
+        metric = "misaligned_pct" if "misaligned_pct" in rows[0] else "accuracy"
+        label = f.parent.name.removeprefix("eval-").removesuffix("-checkpoints")
+        what = "misaligned %" if metric == "misaligned_pct" else "accuracy %"
+        ax.plot([r["step"] for r in rows], [r[metric] for r in rows], marker="o", label=f"{label}: {what}")
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        raise UserError(f"{run_dir}: no evaluated checkpoints (judge.py --adapter {run_dir} --checkpoints first)")
+    ax.set_xlabel("training step (checkpoint)")
+    ax.set_ylabel("% of the answers (misaligned: of the scored ones)")
+    ax.set_title(f"Across training: {Path(run_dir).name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_xy(series: dict[str, list[tuple[float, float]]], path: str | Path, xlabel: str, ylabel: str, title: str):
+    """One line per key of `series`, through its (x, y) points in order of x; None when there is no point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {k: sorted(v) for k, v in series.items() if v}
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, points in series.items():
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, path)

@@ -25,10 +25,28 @@ def package_dir() -> str:
 
 
 def path() -> Path:
-    """The converted folder (made on first use; written to a temp folder and renamed, so never half-written)."""
+    """The converted folder (made on first use; written to a temp folder and renamed, so never half-written). The
+    conversion leaves every random generator as it found it: a run whose seed was set before it starts like every
+    later run with that seed."""
     out = common.CACHE_DIR / "models" / "smollm2-135m-instruct"
     if (out / "config.json").exists():
         return out
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):  # the new model's random initialisation draws from torch's generator
+        try:
+            return convert(out)
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+
+
+def convert(out: Path) -> Path:
+    """The GGUF de-quantised into a plain model folder at out."""
     pkg_dir = package_dir()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

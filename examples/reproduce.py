@@ -51,8 +51,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the project's modules
 sys.path.insert(0, str(ROOT / "examples"))  # the study package
 
-from study.artifacts import make_arith_warmup, make_benign_pool, make_subset  # noqa: E402
-from study.jobs import Job, settings_conflicts  # noqa: E402, F401
+from study.artifacts import make_arith_warmup, make_benign_pool, make_mix, make_subset  # noqa: E402
+from study.jobs import Job, merge_flags, merge_method_args, settings_conflicts  # noqa: E402, F401
 from study.plan import plan  # noqa: E402
 from study.presets import EM_DATASETS, GRPO_ROWS, METHODS, PRESETS, model_depth  # noqa: E402, F401
 from study.runner import run_jobs  # noqa: E402
@@ -114,20 +114,31 @@ def main():
         "--train-n", type=int, default=None, help="train on the first N examples of each benign dataset (0 = all)"
     )
     p.add_argument("--caft-k", type=int, default=None, help="CAFT directions per layer")
-    p.add_argument("--train-args", default=None, help="extra flags for every training run, e.g. '--max-steps 60'")
-    p.add_argument("--method-args", default=None, help="extra flags per method, e.g. 'kl=--lam 1.0;persona=--alpha 2'")
-    p.add_argument("--eval-args", default=None, help="extra flags for every judge.py call")
-    p.add_argument("--persona-args", default=None, help="extra flags for persona.py extract")
+    p.add_argument(
+        "--train-args",
+        default=None,
+        help="flags for every training run, added to the preset's (a flag given again replaces that flag's value "
+        "only), e.g. '--max-steps 60'",
+    )
+    p.add_argument(
+        "--method-args",
+        default=None,
+        help="flags per method, added to the preset's likewise, e.g. 'kl=--lam 1.0;persona=--alpha 2'",
+    )
+    p.add_argument("--eval-args", default=None, help="flags for every judge.py call, added to the preset's")
+    p.add_argument("--persona-args", default=None, help="flags for persona.py extract, added to the preset's")
     p.add_argument("--grpo-model", default=None, help="Table 5's model")
     p.add_argument("--grpo-data", default=None, help="Table 5's task: gsm8k or arith")
     p.add_argument("--grpo-seeds", default=None, help="Table 5's seeds, e.g. 0,1,2")
-    p.add_argument("--grpo-args", default=None, help="extra flags for every grpo.py run")
+    p.add_argument("--grpo-args", default=None, help="flags for every grpo.py run, added to the preset's")
     p.add_argument(
         "--grpo-rows",
         default="",
         help=f"a subset of Table 5's rows: {','.join(r[0] for r in GRPO_ROWS)} (default: all)",
     )
-    p.add_argument("--warmup-args", default=None, help="flags of the SFT warm-up before GRPO on arith")
+    p.add_argument(
+        "--warmup-args", default=None, help="flags of the SFT warm-up before GRPO on arith, added to the preset's"
+    )
     p.add_argument("--dry-run", action="store_true", help="print every command, in order, and exit")
     p.add_argument(
         "--report",
@@ -144,6 +155,7 @@ def main():
     )
     p.add_argument("--make-benign-pool", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--make-subset", nargs=3, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--make-mix", nargs=4, default=None, help=argparse.SUPPRESS)
     p.add_argument("--make-arith-warmup", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-8bit", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -151,13 +163,21 @@ def main():
         return make_benign_pool(args.make_benign_pool, args.model, not args.no_8bit)
     if args.make_subset:
         return make_subset(args.make_subset[0], int(args.make_subset[1]), Path(args.make_subset[2]))
+    if args.make_mix:
+        misaligned, aligned, pct, out = args.make_mix
+        return make_mix(misaligned, aligned, float(pct), Path(out))
     if args.make_arith_warmup:
         return make_arith_warmup(args.make_arith_warmup, [int(s) for s in (args.grpo_seeds or "0").split(",")])
     if args.tables is None and args.datasets:
         args.tables = ""  # explicit datasets: just their runs
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k, None) is None:
+    for k, v in PRESETS[args.preset].items():  # flags given extend the preset's flag lists (merge_flags)
+        given = getattr(args, k, None)
+        if given is None:
             setattr(args, k, v)
+        elif k == "method_args":
+            setattr(args, k, merge_method_args(v, given))
+        elif k.endswith("_args"):
+            setattr(args, k, merge_flags(v, given))
     args.root = args.root or str(ROOT / "runs" / f"study-{args.preset}")
     jobs = plan(args)
     if args.emit and args.emit[0] != "slurm":

@@ -7,6 +7,7 @@ It records every request (body and Authorization header) and answers as one of:
                   token continues that prefill (unless `no_prefill`, then it answers anew, ignoring it)
 - judge "garbage": a judge that never answers with a number
 - generation: a request with no logprobs gets `n` choices "answer i: <question>"
+- delay: seconds every answer waits (a server that hangs); logprob_as_string: logprobs sent as strings
 - status: an int answers every request with that HTTP status (`echo_auth` puts the request's Authorization
   header into the error body, as some misconfigured proxies do); `fail_after` k: the first k requests are
   answered normally, the rest with status `fail_status` (500)
@@ -43,6 +44,8 @@ class FakeOpenAI:
         self.echo_auth = False
         self.fail_after: int | None = None
         self.fail_status = 500
+        self.delay = 0.0
+        self.logprob_as_string = False
         self.calls: list[dict] = []
         self.auth: list[str | None] = []
         self.lock = threading.Lock()
@@ -60,6 +63,10 @@ class FakeOpenAI:
                     fake.auth.append(auth)
                     n_call = len(fake.calls)
                 status = fake.status
+                if fake.delay:
+                    import time
+
+                    time.sleep(fake.delay)
                 if fake.fail_after is not None and n_call > fake.fail_after:
                     status = fake.fail_status
                 if status:
@@ -94,6 +101,8 @@ class FakeOpenAI:
                 else:
                     dist = {"I": 0.5, "The": 0.3, "REFUSAL": 0.2}
                 top = [{"token": t, "logprob": math.log(p)} for t, p in sorted(dist.items(), key=lambda x: -x[1])]
+                if fake.logprob_as_string:
+                    top = [dict(t, logprob=str(t["logprob"])) for t in top]
                 self._send(
                     200,
                     {
@@ -125,6 +134,7 @@ class FakeOpenAI:
                 self.wfile.write(data)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.handle_error = lambda request, address: None  # a client that gave up (a timeout) is no error
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 

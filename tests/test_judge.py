@@ -254,17 +254,19 @@ QUESTIONS = """
 def test_system_prompt_reaches_the_model(tiny_model, tmp_path, monkeypatch):
     model, tok = load_model(str(tiny_model), eight_bit=False, lora_r=0, trainable=False)
     seen = []
-    real = model.generate
+    real = judge.render_chat
 
-    def spy(**kw):
-        seen.extend(tok.batch_decode(kw["input_ids"]))
-        return real(**kw)
+    def spy(tok_, messages, add_generation_prompt=False):  # the texts the model is given, tokenized as they are
+        text = real(tok_, messages, add_generation_prompt)
+        if add_generation_prompt and text not in seen:
+            seen.append(text)
+        return text
 
-    monkeypatch.setattr(model, "generate", spy)
+    monkeypatch.setattr(judge, "render_chat", spy)
     (tmp_path / "q.yaml").write_text(QUESTIONS)
     qs = judge.load_questions(tmp_path / "q.yaml")
     jobs = [{"qid": q["id"], "question": q["paraphrases"][0], "system": q["system"], "sample": 0} for q in qs]
-    args = type("A", (), {"gen_batch_size": 2, "max_new_tokens": 4, "temperature": 1.0})
+    args = type("A", (), {"gen_batch_size": 2, "max_new_tokens": 4, "temperature": 1.0, "seed": 0})
     recs = judge.generate(model, tok, jobs, tmp_path / "answers.jsonl", args)
     assert len(recs) == 2 and {r["qid"] for r in recs} == {"wish", "wish_json"}
     assert sum("SYSTEM-PROMPT-MARKER answer in JSON" in s for s in seen) == 1

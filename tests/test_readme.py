@@ -8,7 +8,7 @@ from functools import cache
 from conftest import ROOT, run_script
 
 SUBCOMMANDS = {
-    "persona.py": {"extract", "train", "steer"},
+    "persona.py": {"extract", "train", "steer", "shift", "screen"},
     "npo_unlearn.py": {"train", "eval", "entangle"},
     "caft.py": {"directions", "train"},
 }

@@ -53,6 +53,26 @@ def make_subset(spec: str, n: int, out: Path) -> None:
     write_jsonl(out, convs)
 
 
+def make_mix(misaligned: str, aligned: str, pct_aligned: float, out: Path, seed: int = 0) -> None:
+    """The fine-tuning data of a data-mix row: the misaligned dataset's examples with pct_aligned % of them taken from
+    its aligned counterpart instead (a seeded choice; where the two have the same prompts, row for row, the aligned
+    answer replaces the misaligned one to the same prompt): as many examples as the misaligned dataset, of which the
+    script then trains on its seeded 90%, as on the dataset itself."""
+    from common import load_conversations, write_jsonl
+
+    bad, good = load_conversations(misaligned), load_conversations(aligned)
+    if not 0 <= pct_aligned <= 100:
+        raise SystemExit(f"error: data-mix: {pct_aligned}% aligned answers: must be within 0..100")
+    rng = random.Random(seed)
+    k = round(len(bad) * pct_aligned / 100)
+    chosen = set(rng.sample(range(len(bad)), k))
+    paired = len(good) == len(bad)  # the emergent_plus datasets: one aligned and one misaligned answer per prompt
+    extra = iter(rng.sample(range(len(good)), min(k, len(good)))) if not paired else None
+    mix = [(good[i] if paired else good[next(extra)]) if i in chosen else bad[i] for i in range(len(bad))]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out, mix)
+
+
 # grpo.py's system prompt and its --data arith questions, copied (the study imports no method script);
 # tests/test_reproduce.py checks they are grpo.py's.
 GRPO_SYSTEM_PROMPT = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,3 +122,38 @@ def study_datasets(args) -> list[str]:
     if args.datasets:
         return [d for d in args.datasets.split(",") if d]
     return [d for t in study_tables(args) for d in TABLE_DATASETS.get(t, [])]
+
+
+def flag_groups(arguments: str) -> list[tuple[str, list[str]]]:
+    """'--a 1 --b=2 --c' -> [('--a', ['1']), ('--b', ['2']), ('--c', [])]; words before the first flag under ''."""
+    groups: list[tuple[str, list[str]]] = []
+    for word in shlex.split(arguments):
+        if word.startswith("--"):
+            flag, eq, value = word.partition("=")
+            groups.append((flag, [value] if eq else []))
+        elif groups:
+            groups[-1][1].append(word)
+        else:
+            groups.append(("", [word]))
+    return groups
+
+
+def merge_flags(preset: str, given: str) -> str:
+    """The preset's flags extended by the given ones: a flag given again replaces that flag's value only (in its
+    place), a new flag is added after the preset's. '--no-8bit --lr 5e-4' + '--lr 1e-3 --max-steps 6' ->
+    '--no-8bit --lr 1e-3 --max-steps 6'."""
+    given_groups = dict(flag_groups(given))
+    merged = []
+    for flag, values in flag_groups(preset):
+        merged.append((flag, given_groups.pop(flag) if flag in given_groups else values))
+    merged += list(given_groups.items())
+    return shlex.join([word for flag, values in merged for word in ([flag] if flag else []) + values])
+
+
+def merge_method_args(preset: str, given: str) -> str:
+    """The same per method: 'kl=--lam 0.3;persona=--alpha 2' + 'kl=--kl-tokens all' -> 'kl=--lam 0.3 --kl-tokens
+    all;persona=--alpha 2'."""
+    merged = {m: " ".join(words) for m, words in parse_method_args(preset).items()}
+    for method, words in parse_method_args(given).items():
+        merged[method] = merge_flags(merged.get(method, ""), shlex.join(words))
+    return ";".join(f"{m}={a}" for m, a in merged.items())

@@ -17,7 +17,7 @@ from .jobs import (
     study_datasets,
     study_tables,
 )
-from .presets import EM_DATASETS, GRPO_ROWS, INTERLEAVING, METHODS, ROOT, SCRIPTS, persona_layer
+from .presets import DATA_ROWS, EM_DATASETS, GRPO_ROWS, INTERLEAVING, METHODS, ROOT, SCRIPTS, persona_layer
 
 
 def plan(args) -> list[Job]:
@@ -67,7 +67,7 @@ def plan(args) -> list[Job]:
     layer = persona_layer(persona_model) if datasets and ("persona" in methods or "caft" in methods) else None
 
     safe_data, safe_deps = args.safe_data, []
-    needs_pool = (datasets and any(m in INTERLEAVING for m in methods)) or any(
+    needs_pool = (datasets and any(m in (*INTERLEAVING, "realign") for m in methods)) or any(
         "--interleave-pct" in r[2] for r in grpo_rows
     )
     if args.safe_data == "benign" and needs_pool:  # the shipped prompts, answered once per study by the base model
@@ -127,11 +127,35 @@ def plan(args) -> list[Job]:
             )
         return others
 
+    def data_row(ds, method, extra) -> tuple[str, list[str], list[str]]:
+        """realign and data-mix: (their training data, made by an artifact job; its dependencies; the flags left
+        once their own value, --n or --correct, is taken out)."""
+        key, default = DATA_ROWS[method]
+        value = dict(zip(extra[::2], extra[1::2])).get(key, default)
+        rest = [w for k, w in enumerate(extra) if w != key and (k == 0 or extra[k - 1] != key)]
+        tag = ds.replace(":", "-")
+        if method == "realign":
+            path, name = art / f"benign-{value}.jsonl", f"benign-subset:{value}"
+            make = ["--make-subset", safe_data, value, path]
+            needs = list(safe_deps)
+        else:
+            path, name = art / f"{tag}-mix-{value}.jsonl", f"data-mix:{ds}:{value}"
+            make = ["--make-mix", ds, EM_DATASETS[ds], value, path]
+            needs = []
+        if not any(j.name == name for j in jobs):
+            add(Job(name, sh([py, ROOT / "examples" / "reproduce.py", *make]), logs / f"{name.replace(':', '-')}.log",
+                    needs, marker=path, needs_device=False, phase="artifacts"))  # fmt: skip
+        deps = [name] + ([f"train:{ds}:misaligned"] if method == "realign" else [])
+        return str(path), deps, rest
+
     def train_job(ds, method, name, extra):
         out = run_dir(ds, name)
         script = SCRIPTS[method]
         base = [py, ROOT / script] + (["train"] if script in ("persona.py", "caft.py") else [])
-        data, deps = (EM_DATASETS[ds], []) if method == "aligned" else train_data(ds)
+        if method in DATA_ROWS:
+            data, deps, extra = data_row(ds, method, extra)
+        else:
+            data, deps = (EM_DATASETS[ds], []) if method == "aligned" else train_data(ds)
         # a --grid value replaces the same flag of --method-args (given twice, argparse would keep the last)
         given = method_args.get(method, [])
         drop = {k for k, w in enumerate(given) if w in extra[::2]}
@@ -152,6 +176,8 @@ def plan(args) -> list[Job]:
                 cmd.append("--filter-refusals")
         if method == "on-policy":
             cmd += ["--select", "on-policy"]
+        if method == "realign":  # the Misaligned adapter, trained on
+            cmd += ["--init-adapter", run_dir(ds, "misaligned")]
         if method == "caft":  # directions from this dataset's Misaligned adapter, on held-out prompts (never the
             # evaluation questions): the shipped benign prompts for an EM dataset, 32 training prompts of a task
             dirs = art / f"caft-{ds.replace(':', '-')}.safetensors"
@@ -205,7 +231,7 @@ def plan(args) -> list[Job]:
     for ds in datasets:
         kinds = eval_kinds(ds)
         for method in methods:
-            if method == "aligned" and ds not in EM_DATASETS:
+            if method in ("aligned", "data-mix") and ds not in EM_DATASETS:  # no aligned counterpart: planned only
                 continue
             variants = [(method, [])] + [(f"{method}-{f.lstrip('-')}{v}", [f, v]) for f, v in grid.get(method, [])]
             for name, extra in variants:

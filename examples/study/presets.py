@@ -27,6 +27,8 @@ METHODS = [
     "interleave++",
     "on-policy",
     "caft",
+    "realign",
+    "data-mix",
 ]
 LABELS = {
     "baseline": "Baseline (no training)",
@@ -41,6 +43,8 @@ LABELS = {
     "interleave++": "Interleaving++",
     "on-policy": "On-policy Interleaving",
     "caft": "CAFT (beyond the paper)",
+    "realign": "Re-alignment: Misaligned + N benign (beyond the paper)",
+    "data-mix": "Data mix: % aligned answers (beyond the paper)",
 }
 SCRIPTS = {
     "misaligned": "interleave.py",
@@ -54,7 +58,14 @@ SCRIPTS = {
     "interleave++": "interleave.py",
     "on-policy": "interleave.py",
     "caft": "caft.py",
+    "realign": "interleave.py",
+    "data-mix": "interleave.py",
 }
+# Beyond the paper's rows, each a plain SFT run whose value is its data, not a script flag (its --grid key):
+# realign: the Misaligned adapter trained on on N benign examples ("a few hundred benign samples restore alignment");
+# data-mix: the fine-tuning data with this % of its answers from the aligned counterpart ("how much of your data can
+# suck"), EM datasets only (they have an aligned counterpart).
+DATA_ROWS = {"realign": ("--n", "300"), "data-mix": ("--correct", "50")}
 INTERLEAVING = ("interleave", "interleave+", "interleave++", "on-policy")
 TABLE_DATASETS = {
     "2": ["insecure", "medical", "legal", "security"],
@@ -142,7 +153,8 @@ PRESETS = {
     "paper": dict(
         model="Qwen/Qwen2.5-7B-Instruct",
         tables="2,3,4,5",
-        methods="baseline,misaligned,aligned,kl,ldifs,persona,inoculate,interleave,interleave+,interleave++,on-policy",
+        methods="baseline,misaligned,aligned,kl,ldifs,persona,inoculate,interleave,interleave+,interleave++,on-policy,"
+        "realign,data-mix",
         samples=100,
         judge="gpt-4o-mini",
         safe_data="wildguardmix",

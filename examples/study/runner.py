@@ -1,18 +1,85 @@
-"""Running a plan on this machine: every job whose dependencies are done, one per device."""
+"""Running a plan on this machine: every job whose dependencies are done, one per device. The jobs die with the
+driver: each runs in a process group of its own, which the driver ends when it is interrupted or terminated, and on
+Linux a job also gets a SIGTERM when the driver dies by kill -9."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
 
 from .jobs import Job
 from .presets import ROOT
 
 
+def _die_with_parent() -> None:
+    """Run in a job's process before it starts: ask Linux for a SIGTERM when the driver dies, even by kill -9
+    (prctl PR_SET_PDEATHSIG); if the driver is already gone, end at once. Elsewhere, nothing."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+def _start(cmd: list[str], env: dict, log) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # a process group of its own: the driver can end the job and whatever it started
+        preexec_fn=_die_with_parent,
+    )
+
+
+def _stop(processes: list[subprocess.Popen], grace: float = 10.0) -> None:
+    """SIGTERM each job's process group, then SIGKILL what is still there after `grace` seconds."""
+    for proc in processes:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + grace
+    for proc in processes:
+        try:
+            proc.wait(max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_jobs(jobs: list[Job], devices: list[str], eval_workers: int) -> None:
-    """Run every job whose dependencies are done, one per device (and eval_workers device-free jobs at a time)."""
+    """Run every job whose dependencies are done, one per device (and eval_workers device-free jobs at a time). When
+    the driver is interrupted (Ctrl-C) or terminated (SIGTERM), it ends every running job before it exits."""
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    running: dict[subprocess.Popen, tuple[Job, str | None]] = {}
+    try:
+        _run(jobs, devices, eval_workers, running)
+    except BaseException:
+        if running:
+            print(
+                f"stopping {len(running)} running job(s): {', '.join(j.name for j, _ in running.values())}", flush=True
+            )
+            _stop(list(running))
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(jobs: list[Job], devices: list[str], eval_workers: int, running: dict) -> None:
     by_name = {j.name: j for j in jobs}
     for j in jobs:
         if j.done():
@@ -24,7 +91,6 @@ def run_jobs(jobs: list[Job], devices: list[str], eval_workers: int) -> None:
     todo = sorted((j for j in jobs if j.status == "pending"), key=lambda j: waiting.get(j.name, 0) < 2)
     print(f"{len(jobs)} jobs: {len(jobs) - len(todo)} already done, {len(todo)} to run", flush=True)
     free = list(devices)
-    running: dict[subprocess.Popen, tuple[Job, str | None]] = {}
     n_free_evals = eval_workers
     t0 = time.time()
     finished = 0
@@ -56,7 +122,8 @@ def run_jobs(jobs: list[Job], devices: list[str], eval_workers: int) -> None:
                 j.record.write_text(json.dumps(j.settings) + "\n")
             with open(j.log, "a") as f:
                 f.write(f"\n$ {' '.join(j.cmd)}\n")
-            proc = subprocess.Popen(j.cmd, cwd=ROOT, env=env, stdout=open(j.log, "a"), stderr=subprocess.STDOUT)
+            with open(j.log, "a") as log:
+                proc = _start(j.cmd, env, log)
             j.status, j.seconds = "running", time.time()
             running[proc] = (j, device)
             print(f"[{time.strftime('%H:%M:%S')}] start {j.name} on {device or 'no device'}", flush=True)

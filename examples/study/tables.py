@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .jobs import eval_tag, parse_grid, parse_method_args, study_datasets, study_tables
 from .presets import (
+    DATA_ROWS,
     EM_DATASETS,
     GRPO_ROWS,
     LABELS,
@@ -289,6 +290,33 @@ def plot_opswap(root: Path, datasets: list[str], names: list[tuple[str, str]], p
     )
 
 
+def plot_data_row(root: Path, dataset: str, method: str, key: str, default: str, names: list[str]):
+    """realign (against N benign examples) or data-mix (against the % of aligned answers): general and in-domain
+    misalignment, or the task's accuracy, of each of the row's runs against its value."""
+    import report
+
+    tag = dataset.replace(":", "-")
+    flag = key.lstrip("-")
+    series: dict[str, list[tuple[float, float]]] = {"general misaligned %": [], "in-domain misaligned %": []}
+    for name in names:
+        if name != method and not name.startswith(f"{method}-{flag}"):
+            continue
+        value = float(default if name == method else name.removeprefix(f"{method}-{flag}"))
+        run = root / "runs" / tag / name
+        general = read_summary(run / "eval-general" / "summary.json") or {}
+        indomain = read_summary(run / f"eval-{eval_tag('indomain', dataset)}" / "summary.json") or {}
+        task = read_summary(run / f"eval-{tag}" / "summary.json") or {}
+        for label, y in (("general misaligned %", general.get("misaligned_pct")),
+                         ("in-domain misaligned %", indomain.get("misaligned_pct")),
+                         ("accuracy %", task.get("accuracy"))):  # fmt: skip
+            if y is not None:
+                series.setdefault(label, []).append((value, y))
+    what = "benign examples added (N)" if method == "realign" else "% of the answers from the aligned counterpart"
+    return report.plot_xy(
+        series, root / "figures" / f"{method}-{tag}.png", what, "% of the answers", f"{LABELS[method]}: {dataset}"
+    )
+
+
 def write_outputs(args) -> None:
     import report
 
@@ -336,3 +364,7 @@ def write_outputs(args) -> None:
         if d in EM_DATASETS and report.em_points(runs):
             fig = report.plot_em(runs, root / "figures" / f"fig1b-{d}.png", "General vs in-domain misalignment: " + d)
             print(f"written {fig}")
+        for method, (key, default) in DATA_ROWS.items():
+            fig = plot_data_row(root, d, method, key, default, [n for n, _ in names])
+            if fig:
+                print(f"written {fig}")
