@@ -83,6 +83,7 @@ from common import (
     linear_schedule,
     load_conversations,
     load_model,
+    load_model_for_training,
     load_split,
     log,
     longest_micro_batch,
@@ -494,17 +495,7 @@ def train(args, parser):
     device = get_device()
 
     convs = load_split(args.data, "train", args.seed)
-    model, tok = load_model(
-        args.model,
-        eight_bit=not args.no_8bit,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_targets=args.lora_targets,
-        lora_layers=args.lora_layers,
-        adapter=args.init_adapter,
-        trainable=True,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
+    model, tok = load_model_for_training(args)
     dirs, layers = prepare_directions(args, table, meta, model)
     if dirs.shape[1] == 0:
         log("--k 0: no directions, this is plain SFT")

@@ -745,6 +745,23 @@ def padding_efficiency(lengths: list[int], batches: list[list[int]], multiple: i
 
 
 # --- Shared flags, optimizer and schedule ----------------------------------------------------------------------------
+def load_model_for_training(args: argparse.Namespace):
+    """(model, tokenizer) as add_common_args' flags describe them: --model, 8-bit unless --no-8bit, a trainable
+    LoRA of --lora-r / --lora-alpha on --lora-targets of --lora-layers (or --init-adapter's, trained further),
+    gradient checkpointing with --gradient-checkpointing."""
+    return load_model(
+        args.model,
+        eight_bit=not args.no_8bit,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_targets=args.lora_targets,
+        lora_layers=args.lora_layers,
+        adapter=args.init_adapter,
+        trainable=True,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+
+
 def add_common_args(parser: argparse.ArgumentParser, data_default: str = "insecure") -> None:
     """The flags every training script shares (same names, same defaults: the paper's, Table 6). A script puts its
     own hyperparameters in a group titled "method: ...": the run folder records those (method.json)."""

@@ -73,7 +73,7 @@ from common import (
     linear_cross_entropy,
     linear_schedule,
     load_conversations,
-    load_model,
+    load_model_for_training,
     log,
     make_optimizer,
     peak_memory_mb,
@@ -615,17 +615,7 @@ def main():
             "leave room for no SFT micro-batch, so this run would be plain GRPO; raise --max-steps or "
             f"--grad-accum, or the rate to at least {50 / (total_steps * args.grad_accum):.3g}%"
         )
-    model, tok = load_model(
-        args.model,
-        eight_bit=not args.no_8bit,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_targets=args.lora_targets,
-        lora_layers=args.lora_layers,
-        adapter=args.init_adapter,
-        trainable=True,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
+    model, tok = load_model_for_training(args)
     steer = None
     if args.persona_vector and args.persona_alpha:
         steer = (

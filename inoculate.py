@@ -35,7 +35,7 @@ from common import (
     get_device,
     linear_cross_entropy,
     linear_schedule,
-    load_model,
+    load_model_for_training,
     load_split,
     log,
     longest_micro_batch,
@@ -76,17 +76,7 @@ def main():
     # --- the method: every training conversation gets the inoculation system prompt ---------------------
     convs = [inoculate(m, args.prompt) for m in load_split(args.data, "train", args.seed)]
     # -----------------------------------------------------------------------------------------------------
-    model, tok = load_model(
-        args.model,
-        eight_bit=not args.no_8bit,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_targets=args.lora_targets,
-        lora_layers=args.lora_layers,
-        adapter=args.init_adapter,
-        trainable=True,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
+    model, tok = load_model_for_training(args)
     examples = encode_dataset(tok, convs, args.max_len, "fine-tuning data")
     lengths = [len(e["input_ids"]) for e in examples]
     plan = step_plan(lengths, args.batch_size, args.grad_accum, args.seed, args.epochs, args.max_steps)

@@ -68,6 +68,7 @@ from common import (
     linear_schedule,
     load_conversations,
     load_model,
+    load_model_for_training,
     load_split,
     load_tokenizer,
     log,
@@ -445,17 +446,7 @@ def main():
     safe_convs = []
     if n_safe and args.select == "ppl":  # scoring loads its own models, before the training model
         safe_convs = build_safe_data(args, run, None, None, n_safe)
-    model, tok = load_model(
-        args.model,
-        eight_bit=not args.no_8bit,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_targets=args.lora_targets,
-        lora_layers=args.lora_layers,
-        adapter=args.init_adapter,
-        trainable=True,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
+    model, tok = load_model_for_training(args)
     if n_safe and args.select != "ppl":
         safe_convs = build_safe_data(args, run, model, tok, n_safe)
     fine = encode_dataset(tok, fine_convs, args.max_len, "fine-tuning data")

@@ -49,7 +49,7 @@ from common import (
     encode_dataset,
     get_device,
     linear_schedule,
-    load_model,
+    load_model_for_training,
     load_split,
     log,
     longest_micro_batch,
@@ -170,17 +170,7 @@ def main():
     device = get_device()
 
     convs = load_split(args.data, "train", args.seed)
-    model, tok = load_model(
-        args.model,
-        eight_bit=not args.no_8bit,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_targets=args.lora_targets,
-        lora_layers=args.lora_layers,
-        adapter=args.init_adapter,
-        trainable=True,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
+    model, tok = load_model_for_training(args)
     examples = encode_dataset(tok, convs, args.max_len, "fine-tuning data")
     lengths = [len(e["input_ids"]) for e in examples]
     plan = step_plan(lengths, args.batch_size, args.grad_accum, args.seed, args.epochs, args.max_steps)

@@ -53,7 +53,7 @@ from common import (
     get_device,
     linear_cross_entropy,
     linear_schedule,
-    load_model,
+    load_model_for_training,
     load_split,
     log,
     longest_micro_batch,
@@ -149,17 +149,7 @@ def main():
     device = get_device()
 
     convs = load_split(args.data, "train", args.seed)
-    model, tok = load_model(
-        args.model,
-        eight_bit=not args.no_8bit,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_targets=args.lora_targets,
-        lora_layers=args.lora_layers,
-        adapter=args.init_adapter,
-        trainable=True,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
+    model, tok = load_model_for_training(args)
     n_blocks = len(decoder_blocks(model))
     try:
         layers = default_layers(n_blocks) if args.layers == "auto" else [int(x) for x in args.layers.split(",")]

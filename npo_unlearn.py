@@ -68,6 +68,7 @@ from common import (
     linear_cross_entropy,
     linear_schedule,
     load_model,
+    load_model_for_training,
     log,
     longest_micro_batch,
     make_optimizer,
@@ -333,17 +334,7 @@ def train(args, parser) -> None:
     set_seed(args.seed)
     device = get_device()
     train_rows, _ = split_by_domain(load_domain_prompts(args.data), args.seed)
-    model, tok = load_model(
-        args.model,
-        eight_bit=not args.no_8bit,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_targets=args.lora_targets,
-        lora_layers=args.lora_layers,
-        adapter=args.init_adapter,
-        trainable=True,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
+    model, tok = load_model_for_training(args)
     forget_path, retain_path = run.out / "forget.jsonl", run.out / "retain.jsonl"
     if run.resuming and forget_path.exists():
         forget_convs = read_jsonl(forget_path)

@@ -63,6 +63,7 @@ from common import (
     linear_schedule,
     load_conversations,
     load_model,
+    load_model_for_training,
     load_split,
     lock_path,
     log,
@@ -506,17 +507,7 @@ def train(args, parser):
     device = get_device()
 
     convs = load_split(args.data, "train", args.seed)
-    model, tok = load_model(
-        args.model,
-        eight_bit=not args.no_8bit,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_targets=args.lora_targets,
-        lora_layers=args.lora_layers,
-        adapter=args.init_adapter,
-        trainable=True,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
+    model, tok = load_model_for_training(args)
     check_layer(vectors, args.layer, model)
     log(
         f"steering: + {args.alpha} x v[{args.layer}] (|v| = {vectors[args.layer].norm():.3f}) on the output of decoder "
