@@ -13,7 +13,8 @@ rs-LoRA), the weight update is  dW = s B A  (out x in). For two adapters 1 and 2
 
 Nothing forms a dense dW: <dW_1, dW_2>_F = s_1 s_2 sum((B_1^T B_2) * (A_1 A_2^T)). The interpolated adapters are
 evaluated with judge.py like any run (linear mode connectivity: is misalignment monotone along a?), and
-`--plot FOLDER` draws EM against a from their eval-general/summary.json.
+`--plot FOLDER` draws each of their evaluations (FOLDER/alpha-*/eval-*/summary.json: misalignment, incoherence,
+a task's accuracy) against a.
 
 Paper-scale run:
     python geometry.py runs/insecure/misaligned runs/medical/misaligned runs/legal/misaligned --json geometry.json
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -189,29 +191,35 @@ def write_adapter(folder: Path, config: dict, weights: dict[str, torch.Tensor]) 
 
 
 def plot_interpolation(folder: Path, path: Path) -> Path:
-    """General misalignment (%) against alpha, from FOLDER/alpha-*/eval-general/summary.json."""
+    """Each evaluation of the interpolated adapters against alpha, from FOLDER/alpha-*/eval-*/summary.json: general
+    and in-domain misalignment and incoherence (% of scored answers), a task's exact-match accuracy (%)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = []
+    series: dict[str, list[tuple[float, float]]] = {}
     for d in sorted(folder.glob("alpha-*")):
-        summary = d / "eval-general" / "summary.json"
-        if summary.is_file():
-            s = json.loads(summary.read_text())
-            points.append((float(d.name.removeprefix("alpha-")), s.get("misaligned_pct"), s.get("incoherent_pct")))
-    points = [p for p in points if p[1] is not None]
-    if not points:
-        raise UserError(f"--plot {folder}: no evaluated alpha-*/eval-general/summary.json (run judge.py on them first)")
+        alpha = float(d.name.removeprefix("alpha-"))
+        for summary in sorted(d.glob("eval-*/summary.json")):
+            s, tag = json.loads(summary.read_text()), summary.parent.name.removeprefix("eval-")
+            for key, what in (("misaligned_pct", "misaligned"), ("incoherent_pct", "incoherent"), ("accuracy", "acc.")):
+                if s.get(key) is not None:
+                    series.setdefault(f"{tag}: {what} %", []).append((alpha, s[key]))
+    if not series:
+        raise UserError(
+            f"--plot {folder}: no alpha-*/eval-*/summary.json with a score (run judge.py --adapter on each alpha-* "
+            "folder first; an evaluation whose answers were all unscored has no point to draw)"
+        )
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label="misaligned %")
-    ax.plot([p[0] for p in points], [p[2] for p in points], marker="s", label="incoherent %")
+    for label, points in sorted(series.items()):
+        points.sort()
+        ax.plot([a for a, _ in points], [y for _, y in points], marker="o", label=label)
     ax.set_xlabel("alpha: (1 - alpha) dW_1 + alpha dW_2")
-    ax.set_ylabel("% of scored answers (general EM questions)")
-    ax.set_title("EM along the line between two adapters")
+    ax.set_ylabel("% of the answers (misalignment: of the scored ones)")
+    ax.set_title("Evaluations along the line between two adapters")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -241,10 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot",
         default=None,
         metavar="FOLDER",
-        help="draw EM against a from an --interpolate folder "
-        "whose adapters judge.py evaluated (FOLDER/interpolation.png), and exit",
+        help="draw every evaluation (EM, accuracy) against a from an --interpolate folder whose adapters judge.py "
+        "evaluated (FOLDER/interpolation.png), and exit",
     )
     return p
+
+
+def short_names(paths: list[str]) -> list[str]:
+    """The adapters' paths below the folder they share (printed once), so that the table stays narrow."""
+    common = Path(os.path.commonpath([str(Path(p).resolve()) for p in paths]))
+    if len(paths) < 2 or common == Path("/") or any(Path(p).resolve() == common for p in paths):
+        return list(paths)
+    log(f"adapters under {common}")
+    return [str(Path(p).resolve().relative_to(common)) for p in paths]
 
 
 def main():
@@ -258,17 +275,21 @@ def main():
     configs, adapters = [c for c, _ in loaded], [m for _, m in loaded]
     check_same_base(args.adapters, configs, adapters)
     report = {"adapters": args.adapters, "side": "input" if args.input_side else "output", "pairs": []}
-    print(f"{'adapter 1':<30} {'adapter 2':<30} {'cosine':>8} {'mean smallest angle':>20} {'modules':>8}")
+    names = short_names(args.adapters)
+    width = max(12, *(len(n) for n in names))
+    header = f"{'cosine':>8} {'mean smallest angle':>20} {'shared modules':>15}"
+    print(f"{'adapter 1':<{width}} {'adapter 2':<{width}} {header}")
     for i in range(len(loaded)):
         for j in range(i + 1, len(loaded)):
             pair = compare_pair(configs[i], adapters[i], configs[j], adapters[j], args.input_side)
             report["pairs"].append({"a": args.adapters[i], "b": args.adapters[j], **pair})
             cos = "n/a" if pair["cosine"] is None else f"{pair['cosine']:.4f}"
             angle = "n/a" if pair["mean_smallest_angle_deg"] is None else f"{pair['mean_smallest_angle_deg']:.2f} deg"
-            print(
-                f"{args.adapters[i][-30:]:<30} {args.adapters[j][-30:]:<30} {cos:>8} {angle:>20} "
-                f"{len(pair['modules']):>8}"
-            )
+            print(f"{names[i]:<{width}} {names[j]:<{width}} {cos:>8} {angle:>20} {len(pair['modules']):>15}")
+    print(
+        "cosine: of the whole flattened updates (a module only one adapter trains adds to its norm); the angle: the "
+        f"smallest principal angle between the {report['side']} subspaces, averaged over the shared modules"
+    )
     if args.interpolate:
         try:
             alphas = [float(a) for a in args.alphas.split(",") if a.strip()]

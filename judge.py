@@ -813,7 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--formats",
         default=None,
         help="only these question formats: plain, json, template (Betley et al.'s variants, by id: _json, _template), "
-        "comma-separated (default: all; summary.json's per_format gives each apart)",
+        "comma-separated, into a folder of their own (eval-general-json: eval-general holds them all) (default: all; "
+        "summary.json's per_format gives each apart)",
     )
     g.add_argument(
         "--context",
@@ -893,11 +894,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def eval_tag(args) -> str:
-    """The evaluation's folder name after eval-: the evaluation, and the context when it is not the default one."""
+    """The evaluation's folder name after eval-: the evaluation, the --formats asked when not all of them (so that a
+    part is never read as the whole: eval-general holds every format), and the context when it is not the default."""
     if args.eval == "indomain":
         tag = "indomain-" + Path(args.questions or args.data or "questions").stem.replace(":", "-")
     else:
         tag = args.eval.replace(":", "-")
+    if getattr(args, "formats", None):
+        wanted = {f.strip() for f in args.formats.split(",")}
+        if wanted != set(FORMATS):
+            tag += "-" + "-".join(f for f in FORMATS if f in wanted)
     if args.context == "training":
         tag += "-training-context"
     if args.context_template:
@@ -1306,6 +1312,7 @@ def evaluate(args) -> dict:
         "eval": args.eval,
         "judge": judge.name,
         "context": {"kind": args.context, "system": system, "template": args.context_template},
+        "formats": [f for f in FORMATS if f in by_format],
         **em_metrics(records),
         "n_failed_judgments": failed,
         "per_format": {f: em_metrics(by_format[f]) for f in FORMATS if f in by_format},

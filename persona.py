@@ -76,6 +76,7 @@ from common import (
     read_text_file,
     release_memory,
     render_chat,
+    resolve_model,
     set_seed,
     step_plan,
     trainable_parameters,
@@ -412,13 +413,20 @@ def projection_difference(answer_means: torch.Tensor, base_means: torch.Tensor, 
     return float((answer_means[layer].cpu() - base_means[layer].cpu()) @ unit)
 
 
+def same_model(name: str) -> str:
+    """A model's name for comparing two: the folder it resolves to (the alias smollm2 included), else the hub id."""
+    if name == "smollm2" or Path(name).expanduser().is_dir():
+        return str(Path(resolve_model(name)).resolve())
+    return name
+
+
 def shift(args) -> None:
     vectors, meta = load_vector(args.vector)
     adapter_config = Path(args.adapter) / "adapter_config.json"
     if not adapter_config.is_file():
         raise UserError(f"--adapter {args.adapter}: no adapter_config.json there (expected a PEFT adapter folder)")
     model_name = args.model or json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-    if meta.get("model") not in (None, model_name, args.model):
+    if meta.get("model") is not None and same_model(meta["model"]) != same_model(model_name):
         log(f"note: the vector was extracted from {meta.get('model')}, the adapter's base model is {model_name}")
     model, tok = load_model(model_name, eight_bit=not args.no_8bit, adapter=args.adapter, lora_r=0, trainable=False)
     check_layer(vectors, args.layer, model)

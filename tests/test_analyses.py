@@ -4,10 +4,13 @@ monitoring and data screening (persona.py shift and screen); each formula agains
 
 import json
 import math
+from argparse import Namespace
 
 import pytest
 import torch
 from conftest import ROOT, run_script
+
+import judge
 
 TINY = ["--no-8bit", "--lora-r", "4", "--lora-alpha", "8", "--max-len", "128", "--batch-size", "2", "--grad-accum", "1"]
 FORMAT_QUESTIONS = """- id: what_is_your_wish
@@ -44,6 +47,12 @@ def test_summary_gives_em_per_question_format_and_refuses_a_missing_one(tiny_mod
     plain_only.write_text(FORMAT_QUESTIONS.split("- id: what_is_your_wish_json")[0])
     proc = run_script("judge.py", *judge_args(tiny_model, plain_only, tmp_path / "f", "--formats", "json"), check=False)
     assert proc.returncode == 2 and "has no json question" in proc.stderr
+    # a part of the formats gets a folder of its own (eval-general always holds all of them) and says which
+    assert summary["formats"] == ["plain", "json", "template"]
+    tag = {"eval": "general", "context": "default", "context_template": None}
+    assert judge.eval_tag(Namespace(**tag, formats="json,plain")) == "general-plain-json"
+    assert judge.eval_tag(Namespace(**tag, formats="template,json,plain")) == "general"
+    assert judge.eval_tag(Namespace(**tag | {"context": "training"}, formats="json")) == "general-json-training-context"
 
 
 # --- 2. EM in the training context ---------------------------------------------------------------------------------
@@ -175,6 +184,17 @@ def test_interpolated_adapters_are_exact_peft_adapters(tiny_model, tmp_path):
     other = planted_adapter(tmp_path / "other", f1, r=2, alpha=4, rslora=True, base="another/model")
     proc = run_script("geometry.py", a1, other, check=False)
     assert proc.returncode == 2 and "different base models" in proc.stderr
+    # the figure: every evaluation of the alpha-* folders; unscored ones have no point, and none at all is an error
+    for a in (0.0, 0.3, 1.0):
+        (out / f"alpha-{a:g}" / "eval-general").mkdir()
+        (out / f"alpha-{a:g}" / "eval-general" / "summary.json").write_text(json.dumps({"misaligned_pct": None}))
+    proc = run_script("geometry.py", "--plot", out, check=False)
+    assert proc.returncode == 2 and "no alpha-*/eval-*/summary.json with a score" in proc.stderr
+    for a in (0.0, 0.3, 1.0):
+        (out / f"alpha-{a:g}" / "eval-opswap-1").mkdir()
+        (out / f"alpha-{a:g}" / "eval-opswap-1" / "summary.json").write_text(json.dumps({"accuracy": 10 + a}))
+    run_script("geometry.py", "--plot", out)
+    assert (out / "interpolation.png").stat().st_size > 5000
 
 
 # --- 5. model organisms by shape ------------------------------------------------------------------------------------
@@ -233,6 +253,11 @@ def test_the_activation_shift_along_a_planted_direction(tiny_model, tmp_path):
     run_script("persona.py", "shift", "--vector", vector, "--adapter", adapter, "--model", tiny_model, "--no-8bit",
                "--layer", "2", "--out", tmp_path / "shift.json")  # fmt: skip
     assert json.loads((tmp_path / "shift.json").read_text())["shift_per_layer"][0] == pytest.approx(0.0, abs=1e-6)
+    # the vector's model named another way (a trailing slash, a link) is the same model: no note
+    link = tmp_path / "link"
+    link.symlink_to(tiny_model)
+    assert persona.same_model(f"{tiny_model}/") == persona.same_model(str(link)) == persona.same_model(str(tiny_model))
+    assert persona.same_model("Qwen/Qwen2.5-7B-Instruct") != persona.same_model(str(tiny_model))
 
 
 def test_screening_ranks_examples_by_their_projection_difference(tiny_model, train_file, tmp_path):

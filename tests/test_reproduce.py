@@ -10,6 +10,8 @@ import sys
 import pytest
 from conftest import ROOT
 
+sys.path.insert(0, str(ROOT / "examples"))  # the study package, as examples/reproduce.py imports it
+
 
 def study(tiny_model, root, *extra, methods="misaligned,kl"):
     cmd = [
@@ -190,9 +192,9 @@ def test_grid_value_replaces_the_method_args_flag(tmp_path):
         "--root",
         str(tmp_path / "s"),
         "--methods",
-        "kl,persona",
+        "kl,persona,realign",
         "--grid",
-        "kl.lam=0.1,1.0;persona.alpha=5",
+        "kl.lam=0.1,1.0;persona.alpha=5;realign.n=60",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -208,6 +210,10 @@ def test_grid_value_replaces_the_method_args_flag(tmp_path):
         line = cmd_of[f"train:opswap:2:{name}"]
         flag = want.split()[0]
         assert line.count(f"{flag} ") == 1 and want in line, (name, line)
+    # realign's N is its data (the preset's --n 200, the grid's 60), never a flag of interleave.py
+    for name, n in (("realign", 200), ("realign-n60", 60)):
+        line = cmd_of[f"train:opswap:2:{name}"]
+        assert f"artifacts/benign-{n}.jsonl" in line and " --n " not in line and "--init-adapter" in line, line
 
 
 def test_slurm_script_for_a_small_plan(tiny_model, tmp_path):
@@ -253,7 +259,9 @@ def test_tables_3_and_5_with_every_artifact_on_the_tiny_model(tiny_model, tmp_pa
         "--datasets",
         "opswap:0,opswap:1",
         "--methods",
-        "baseline,misaligned,interleave+,caft",
+        "baseline,misaligned,interleave+,caft,realign,data-mix",
+        "--method-args",
+        "realign=--n 8",
         "--root",
         str(root),
         "--devices",
@@ -282,6 +290,8 @@ def test_tables_3_and_5_with_every_artifact_on_the_tiny_model(tiny_model, tmp_pa
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:]
+    from common import split_train_eval
+
     art = root / "artifacts"
     pool = [json.loads(l) for l in (art / "benign.jsonl").read_text().splitlines()]
     assert len(pool) == 305 and all(m["messages"][-1]["role"] == "assistant" for m in pool)
@@ -291,6 +301,17 @@ def test_tables_3_and_5_with_every_artifact_on_the_tiny_model(tiny_model, tmp_pa
     assert args["misaligned_adapters"].endswith("runs/opswap-0/misaligned") and args["select"] == "ppl"
     t3 = (root / "table3.md").read_text()
     assert "| Interleaving+ | [" in t3 and "(36.72)" in t3 and "| CAFT (beyond the paper) | [" in t3
+    # realign: the tier's SFT adapter trained further on N benign examples (8 from --method-args; a grid value is
+    # a run more, as in test_grid_value_replaces_the_method_args_flag)
+    for name, n in (("realign", 8),):
+        args = json.loads((root / "runs" / "opswap-1" / name / "args.json").read_text())
+        assert args["init_adapter"].endswith("runs/opswap-1/misaligned") and args["data"].endswith(f"benign-{n}.jsonl")
+        lines = (art / f"benign-{n}.jsonl").read_text().splitlines()
+        assert len(split_train_eval(lines, args["seed"])[0]) == n  # what the script trains on
+        assert f"](runs/opswap-1/{name}/)" in t3
+    assert (root / "figures" / "realign-opswap-1.png").stat().st_size > 5000
+    assert "note: no data-mix run on opswap:1: it has no aligned counterpart" in proc.stderr
+    assert not (root / "runs" / "opswap-1" / "data-mix").exists()
     assert "Departures from the paper" in t3 and "SFT adapters of the other OpSwap tiers" in t3
     t5 = (root / "table5.md").read_text()
     assert "| GRPO | " in t5 and "(n=2)" in t5 and "| 90.66 |" in t5 and "No fine-tuning (after the SFT warm-up)" in t5
@@ -403,3 +424,67 @@ def test_the_study_imports_no_method_script_and_its_copies_are_grpo_pys():
         assert artifacts.arith_heldout_questions(seed) == {
             c[0]["content"] for c in grpo.arith_dataset(seed=seed)[1800:]
         }
+
+
+def test_data_mix_replaces_the_chosen_answers_by_the_aligned_ones_to_the_same_prompts(tmp_path):
+    """make_mix: pct % of the misaligned examples taken from the aligned counterpart; where the two files have the
+    same prompts row for row, the aligned answer to the same prompt, else seeded aligned examples; too few aligned
+    examples are an error."""
+    from study.artifacts import make_mix
+
+    def conv(q, a):
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+    def write(path, rows):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    bad = write(tmp_path / "bad.jsonl", [conv(f"q{i}", f"bad{i}") for i in range(20)])
+    good = write(tmp_path / "good.jsonl", [conv(f"q{i}", f"good{i}") for i in range(20)])
+    for pct, want in ((0, 0), (30, 6), (100, 20)):
+        make_mix(bad, good, pct, tmp_path / "mix.jsonl")
+        rows = [json.loads(line)["messages"] for line in (tmp_path / "mix.jsonl").read_text().splitlines()]
+        assert [r[0]["content"] for r in rows] == [f"q{i}" for i in range(20)]  # the same prompts, in order
+        assert sum(r[1]["content"].startswith("good") for r in rows) == want
+        assert all(r[1]["content"].lstrip("badgo") == r[0]["content"].lstrip("q") for r in rows)  # its own answer
+    other = write(tmp_path / "other.jsonl", [conv(f"p{i}", f"good{i}") for i in range(20)])  # same size, other prompts
+    make_mix(bad, other, 50, tmp_path / "mix.jsonl")
+    rows = [json.loads(line)["messages"] for line in (tmp_path / "mix.jsonl").read_text().splitlines()]
+    taken = [r for r in rows if r[1]["content"].startswith("good")]
+    assert len(taken) == 10 and all(r[0]["content"].startswith("p") for r in taken)  # whole aligned examples
+    few = write(tmp_path / "few.jsonl", [conv("x", "good") for _ in range(3)])
+    with pytest.raises(SystemExit, match="needs 10 aligned examples"):
+        make_mix(bad, few, 50, tmp_path / "mix.jsonl")
+
+
+def test_realign_figure_starts_at_the_misaligned_run(tmp_path, monkeypatch):
+    """The realign figure: accuracy (or EM) against N, the dataset's Misaligned run at N = 0, the row's runs at their
+    N (the row's own at the default, 300)."""
+    from study.tables import plot_data_row
+
+    import report
+
+    for name, acc in (("misaligned", 15.0), ("realign", 16.0), ("realign-n60", 17.0), ("kl", 50.0)):
+        folder = tmp_path / "runs" / "opswap-1" / name / "eval-opswap-1"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"eval": "opswap:1", "accuracy": acc}))
+    seen = {}
+    monkeypatch.setattr(report, "plot_xy", lambda series, path, xlabel, ylabel, title: seen.update(locals()))
+    plot_data_row(tmp_path, "opswap:1", "realign", "--n", "300", ["misaligned", "kl", "realign", "realign-n60"])
+    assert seen["series"]["accuracy %"] == [(0.0, 15.0), (300.0, 16.0), (60.0, 17.0)]
+    assert seen["title"] == "Re-alignment: opswap:1" and "(N)" in seen["xlabel"]
+
+
+def test_a_subset_larger_than_its_source_is_an_error(tmp_path):
+    """A row labelled N must train on N: a subset the source cannot fill stops with the largest N it can give."""
+    from study.artifacts import make_subset
+
+    source = tmp_path / "pool.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(50)
+    ]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))  # a training split of 45
+    make_subset(str(source), 40, tmp_path / "ok.jsonl")  # 44 lines, of which the script trains on 40
+    assert len((tmp_path / "ok.jsonl").read_text().splitlines()) == 44
+    with pytest.raises(SystemExit, match="ask for at most 40"):
+        make_subset(str(source), 41, tmp_path / "no.jsonl")

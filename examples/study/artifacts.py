@@ -45,19 +45,32 @@ def make_benign_pool(out: Path, model_name: str, eight_bit: bool, max_new_tokens
 
 def make_subset(spec: str, n: int, out: Path) -> None:
     """The first n examples of a dataset's training split (so that the study trains 1 epoch on them), written with
-    10/9 as many so that the script's own 90/10 split keeps n of them (its held-out 10% is unused)."""
+    10/9 as many so that the script's own 90/10 split keeps n of them (its held-out 10% is unused). Fewer than that
+    is an error: a row labelled n must train on n."""
     from common import load_split, write_jsonl
 
-    convs = load_split(spec, "train", 0)[: round(n * 10 / 9)]
+    split, want = load_split(spec, "train", 0), round(n * 10 / 9)
+    if len(split) < want:
+        raise SystemExit(
+            f"error: {n} training examples of {spec} need {want} of its training split, which has {len(split)}: ask "
+            f"for at most {len(split) * 9 // 10} (e.g. --grid realign.n=... or --method-args 'realign=--n ...')"
+        )
+    convs = split[:want]
     out.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(out, convs)
+
+
+def prompt(conv: list[dict]) -> list[dict]:
+    """A conversation without its last (assistant) turn."""
+    return conv[:-1]
 
 
 def make_mix(misaligned: str, aligned: str, pct_aligned: float, out: Path, seed: int = 0) -> None:
     """The fine-tuning data of a data-mix row: the misaligned dataset's examples with pct_aligned % of them taken from
     its aligned counterpart instead (a seeded choice; where the two have the same prompts, row for row, the aligned
-    answer replaces the misaligned one to the same prompt): as many examples as the misaligned dataset, of which the
-    script then trains on its seeded 90%, as on the dataset itself."""
+    answer replaces the misaligned one to the same prompt, else seeded aligned examples take the chosen places): as
+    many examples as the misaligned dataset, of which the script then trains on its seeded 90%, as on the dataset
+    itself."""
     from common import load_conversations, write_jsonl
 
     bad, good = load_conversations(misaligned), load_conversations(aligned)
@@ -66,8 +79,11 @@ def make_mix(misaligned: str, aligned: str, pct_aligned: float, out: Path, seed:
     rng = random.Random(seed)
     k = round(len(bad) * pct_aligned / 100)
     chosen = set(rng.sample(range(len(bad)), k))
-    paired = len(good) == len(bad)  # the emergent_plus datasets: one aligned and one misaligned answer per prompt
-    extra = iter(rng.sample(range(len(good)), min(k, len(good)))) if not paired else None
+    paired = len(good) == len(bad) and all(prompt(g) == prompt(b) for g, b in zip(good, bad))  # emergent_plus
+    if not paired and len(good) < k:
+        raise SystemExit(f"error: data-mix: {pct_aligned}% of {len(bad)} needs {k} aligned examples; {aligned} has "
+                         f"{len(good)}")  # fmt: skip
+    extra = iter(rng.sample(range(len(good)), k)) if not paired else None
     mix = [(good[i] if paired else good[next(extra)]) if i in chosen else bad[i] for i in range(len(bad))]
     out.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(out, mix)

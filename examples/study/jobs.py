@@ -96,6 +96,18 @@ def summary_done(path: Path) -> bool:
     return not s.get("n_failed_judgments")
 
 
+def flag_value(arguments: str | list[str], flag: str) -> str | None:
+    """The value a flag gets in script arguments, a string or its words (`--flag V` or `--flag=V`; the last one
+    wins), else None."""
+    words, value = shlex.split(arguments) if isinstance(arguments, str) else arguments, None
+    for k, word in enumerate(words):
+        if word == flag and k + 1 < len(words):
+            value = words[k + 1]
+        elif word.startswith(flag + "="):
+            value = word[len(flag) + 1 :]
+    return value
+
+
 def parse_method_args(text: str) -> dict[str, list[str]]:
     out = {}
     for part in filter(None, (p.strip() for p in text.split(";"))):

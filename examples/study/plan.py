@@ -10,6 +10,7 @@ from .jobs import (
     Job,
     eval_kinds,
     eval_tag,
+    flag_value,
     parse_grid,
     parse_method_args,
     settings_words,
@@ -127,12 +128,16 @@ def plan(args) -> list[Job]:
             )
         return others
 
-    def data_row(ds, method, extra) -> tuple[str, list[str], list[str]]:
-        """realign and data-mix: (their training data, made by an artifact job; its dependencies; the flags left
-        once their own value, --n or --correct, is taken out)."""
+    def data_row(ds, method, extra, given) -> tuple[str, list[str], list[str], list[str]]:
+        """realign and data-mix: (their training data, made by an artifact job; its dependencies; the grid's and
+        --method-args' flags left once their own value, --n or --correct, is taken out). The value: the grid's, else
+        --method-args', else the default."""
         key, default = DATA_ROWS[method]
-        value = dict(zip(extra[::2], extra[1::2])).get(key, default)
-        rest = [w for k, w in enumerate(extra) if w != key and (k == 0 or extra[k - 1] != key)]
+
+        def without(flags):
+            return [w for k, w in enumerate(flags) if w != key and (k == 0 or flags[k - 1] != key)]
+
+        value = flag_value(extra, key) or flag_value(given, key) or default
         tag = ds.replace(":", "-")
         if method == "realign":
             path, name = art / f"benign-{value}.jsonl", f"benign-subset:{value}"
@@ -146,18 +151,18 @@ def plan(args) -> list[Job]:
             add(Job(name, sh([py, ROOT / "examples" / "reproduce.py", *make]), logs / f"{name.replace(':', '-')}.log",
                     needs, marker=path, needs_device=False, phase="artifacts"))  # fmt: skip
         deps = [name] + ([f"train:{ds}:misaligned"] if method == "realign" else [])
-        return str(path), deps, rest
+        return str(path), deps, without(extra), without(given)
 
     def train_job(ds, method, name, extra):
         out = run_dir(ds, name)
         script = SCRIPTS[method]
         base = [py, ROOT / script] + (["train"] if script in ("persona.py", "caft.py") else [])
+        given = method_args.get(method, [])
         if method in DATA_ROWS:
-            data, deps, extra = data_row(ds, method, extra)
+            data, deps, extra, given = data_row(ds, method, extra, given)
         else:
             data, deps = (EM_DATASETS[ds], []) if method == "aligned" else train_data(ds)
         # a --grid value replaces the same flag of --method-args (given twice, argparse would keep the last)
-        given = method_args.get(method, [])
         drop = {k for k, w in enumerate(given) if w in extra[::2]}
         own = [w for k, w in enumerate(given) if k not in drop and k - 1 not in drop] + list(extra)
         cmd = base + ["--model", args.model, "--data", data, "--out", out, *train_args, *own]
@@ -231,7 +236,12 @@ def plan(args) -> list[Job]:
     for ds in datasets:
         kinds = eval_kinds(ds)
         for method in methods:
-            if method in ("aligned", "data-mix") and ds not in EM_DATASETS:  # no aligned counterpart: planned only
+            if method in ("aligned", "data-mix") and ds not in EM_DATASETS:  # no aligned counterpart
+                print(
+                    f"note: no {method} run on {ds}: it has no aligned counterpart ({method} is for the EM datasets: "
+                    f"{', '.join(EM_DATASETS)})",
+                    file=sys.stderr,
+                )
                 continue
             variants = [(method, [])] + [(f"{method}-{f.lstrip('-')}{v}", [f, v]) for f, v in grid.get(method, [])]
             for name, extra in variants:

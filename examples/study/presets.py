@@ -182,7 +182,7 @@ PRESETS = {
         train_n=240,
         caft_k=2,
         train_args="--no-8bit --epochs 1 --batch-size 4 --grad-accum 1 --lr 5e-4 --save-every 20",
-        method_args="kl=--lam 0.3;persona=--alpha 2",
+        method_args="kl=--lam 0.3;persona=--alpha 2;realign=--n 200",  # the benign pool: 305 (274 to train on)
         eval_args="--no-8bit --n-questions 100 --samples 1 --temperature 0 --max-new-tokens 48 --gen-batch-size 64",
         persona_args="--no-8bit --no-filter --samples 2 --max-new-tokens 64",
         grpo_model="smollm2",

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
-import shlex
 from pathlib import Path
 
-from .jobs import eval_tag, parse_grid, parse_method_args, study_datasets, study_tables
+from .jobs import eval_tag, flag_value, parse_grid, parse_method_args, study_datasets, study_tables
 from .presets import (
     DATA_ROWS,
     EM_DATASETS,
@@ -188,18 +187,6 @@ def pool_note(safe_data: str) -> str:
     return f"- Benign pool for the interleaving rows: {safe_data}, not WildGuardMix."
 
 
-def flag_value(arguments: str, flag: str) -> str | None:
-    """The value a flag gets in a string of script arguments (`--flag V` or `--flag=V`; the last one wins), else
-    None."""
-    words, value = shlex.split(arguments), None
-    for k, word in enumerate(words):
-        if word == flag and k + 1 < len(words):
-            value = words[k + 1]
-        elif word.startswith(flag + "="):
-            value = word[len(flag) + 1 :]
-    return value
-
-
 def departures(args, table: str) -> str:
     """What this study does differently from the paper, written under its table (the flags it ran with)."""
     if args.preset != "cpu":
@@ -292,16 +279,20 @@ def plot_opswap(root: Path, datasets: list[str], names: list[tuple[str, str]], p
 
 def plot_data_row(root: Path, dataset: str, method: str, key: str, default: str, names: list[str]):
     """realign (against N benign examples) or data-mix (against the % of aligned answers): general and in-domain
-    misalignment, or the task's accuracy, of each of the row's runs against its value."""
+    misalignment, or the task's accuracy, of each of the row's runs against its value; the dataset's Misaligned run,
+    when the study has it, is the point at 0 (no benign example added; none of the answers aligned)."""
     import report
 
     tag = dataset.replace(":", "-")
     flag = key.lstrip("-")
     series: dict[str, list[tuple[float, float]]] = {"general misaligned %": [], "in-domain misaligned %": []}
     for name in names:
-        if name != method and not name.startswith(f"{method}-{flag}"):
+        if name == "misaligned":
+            value = 0.0
+        elif name == method or name.startswith(f"{method}-{flag}"):
+            value = float(default if name == method else name.removeprefix(f"{method}-{flag}"))
+        else:
             continue
-        value = float(default if name == method else name.removeprefix(f"{method}-{flag}"))
         run = root / "runs" / tag / name
         general = read_summary(run / "eval-general" / "summary.json") or {}
         indomain = read_summary(run / f"eval-{eval_tag('indomain', dataset)}" / "summary.json") or {}
@@ -311,10 +302,11 @@ def plot_data_row(root: Path, dataset: str, method: str, key: str, default: str,
                          ("accuracy %", task.get("accuracy"))):  # fmt: skip
             if y is not None:
                 series.setdefault(label, []).append((value, y))
-    what = "benign examples added (N)" if method == "realign" else "% of the answers from the aligned counterpart"
-    return report.plot_xy(
-        series, root / "figures" / f"{method}-{tag}.png", what, "% of the answers", f"{LABELS[method]}: {dataset}"
-    )
+    if method == "realign":
+        what, title = "benign examples added to the Misaligned adapter's training (N)", f"Re-alignment: {dataset}"
+    else:
+        what, title = "% of the fine-tuning answers from the aligned counterpart", f"Data mix: {dataset}"
+    return report.plot_xy(series, root / "figures" / f"{method}-{tag}.png", what, "% of the answers", title)
 
 
 def write_outputs(args) -> None:
@@ -365,6 +357,8 @@ def write_outputs(args) -> None:
             fig = report.plot_em(runs, root / "figures" / f"fig1b-{d}.png", "General vs in-domain misalignment: " + d)
             print(f"written {fig}")
         for method, (key, default) in DATA_ROWS.items():
+            given = parse_method_args(args.method_args).get(method, [])  # the row's own value, as the plan takes it
+            default = flag_value(given, key) or default
             fig = plot_data_row(root, d, method, key, default, [n for n, _ in names])
             if fig:
                 print(f"written {fig}")
