@@ -775,7 +775,9 @@ def main():
                 "more --num-generations or a higher --temperature"
             )
         if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == total_steps:
+            t_eval = time.time()
             record.update(heldout_record(model, tok, held, args))
+            record["heldout_s"] = time.time() - t_eval  # not part of step_time_s
         run.log_metrics(record)
         progress.update(
             step + 1,

@@ -10,7 +10,8 @@ step's rollouts in one batch for all its micro-batches (grpo.py in its own KV-ca
 line after the table splits grpo.py's step into generation (its metrics' generation_s) and the rest
 (log-probabilities, loss, backward, optimizer).
 
-Step time is wall clock between the ends of consecutive steps, after the first (warm-up).
+Step time is wall clock between the ends of consecutive steps, after the first (warm-up); grpo.py's held-out
+evaluation at its last step (heldout_s in its metrics) is taken out, TRL runs none.
 
     python bench/grpo_vs_trl.py --model smollm2 --steps 4 --max-new-tokens 64
 
@@ -112,26 +113,20 @@ def trl_worker(args) -> None:
     (out / "lengths.json").write_text(json.dumps(lengths))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="(default: %(default)s)")
-    p.add_argument("--data", default="arith", help="grpo.py --data (default: %(default)s, offline)")
-    p.add_argument("--steps", type=int, default=4, help="optimizer steps; the first is warm-up (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=4, help="completions per micro-batch (default: %(default)s)")
-    p.add_argument("--grad-accum", type=int, default=4, help="(default: %(default)s)")
-    p.add_argument("--num-generations", type=int, default=4, help="(default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="every completion's length (default: %(default)s)")
-    p.add_argument("--n-train", type=int, default=200, help="(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-5, help="(default: %(default)s)")
-    p.add_argument("--lora-r", type=int, default=32, help="(default: %(default)s)")
-    p.add_argument("--lora-alpha", type=int, default=64, help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--no-8bit", action="store_true", help="full-precision weights")
-    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    ours_args = [
+def without_heldout(metrics: list[dict]) -> list[dict]:
+    """grpo.py's metrics with each step's end moved back by the held-out evaluations run until then (heldout_s):
+    grpo.py evaluates at its last step at least (--eval-n >= 1), which is not part of a GRPO step, and TRL evaluates
+    nothing here."""
+    shift, out = 0.0, []
+    for m in metrics:
+        shift += m.get("heldout_s", 0.0)
+        out.append({**m, "time": m["time"] - shift})
+    return out
+
+
+def grpo_arguments(args: argparse.Namespace) -> list[str]:
+    """grpo.py's flags for the same run as the TRL side (without --out)."""
+    ours = [
         "--model",
         args.model,
         "--data",
@@ -159,11 +154,37 @@ def main():
         "--seed",
         args.seed,
         "--eval-n",
-        "0",
+        "1",  # the least grpo.py allows; its held-out evaluation is outside the timed steps
         "--save-every",
         "1000000",
     ]
-    ours_args = [str(a) for a in ours_args] + (["--no-8bit"] if args.no_8bit else [])
+    return [str(a) for a in ours] + (["--no-8bit"] if args.no_8bit else [])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="(default: %(default)s)")
+    p.add_argument("--data", default="arith", help="grpo.py --data (default: %(default)s, offline)")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps; the first is warm-up (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=4, help="completions per micro-batch (default: %(default)s)")
+    p.add_argument("--grad-accum", type=int, default=4, help="(default: %(default)s)")
+    p.add_argument("--num-generations", type=int, default=4, help="(default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="every completion's length (default: %(default)s)")
+    p.add_argument("--n-train", type=int, default=200, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-5, help="(default: %(default)s)")
+    p.add_argument("--lora-r", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--lora-alpha", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--no-8bit", action="store_true", help="full-precision weights")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
+    ours_args = grpo_arguments(args)
     if args.worker == "ours":
         return ours_worker(args, ours_args + ["--out", args.out])
     if args.worker == "trl":
@@ -177,7 +198,8 @@ def main():
         for name, worker in [("ours", "ours"), ("TRL GRPOTrainer", "trl")]:
             out = Path(tmp) / worker
             run_logged([sys.executable, Path(__file__), *shared, "--worker", worker, "--out", out], name)
-            rows[name] = after_first(read_metrics(out / "metrics.jsonl"))
+            metrics = read_metrics(out / "metrics.jsonl")
+            rows[name] = after_first(without_heldout(metrics) if worker == "ours" else metrics)
             if worker == "ours":
                 m = read_metrics(out / "metrics.jsonl")
                 rows[name]["completion_len"] = [r["completion_tokens"] for r in m]

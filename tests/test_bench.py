@@ -184,3 +184,28 @@ def test_bench_all_runs_the_readme_commands_and_keeps_a_report(tmp_path):
 
     bad = subprocess.run([sys.executable, "bench/all.py", "--only", "sft"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--only sft: not a benchmark" in bad.stderr
+
+
+def test_grpo_vs_trl_gives_grpo_py_flags_it_accepts():
+    """The benchmark's grpo.py run passes grpo.py's own flag checks (a value grpo.py refuses, such as --eval-n 0,
+    fails the benchmark only when it runs: after half an hour of bench/all.py)."""
+    import grpo
+    from bench.grpo_vs_trl import build_parser, grpo_arguments
+
+    argv = grpo_arguments(build_parser().parse_args([]))
+    args = grpo.build_parser().parse_args([*argv, "--out", "unused"])
+    grpo.check_args(args)
+    assert args.eval_n >= 1 and args.min_new_tokens == args.max_new_tokens == 64
+    with pytest.raises(grpo.UserError, match="--eval-n 0"):
+        grpo.check_args(grpo.build_parser().parse_args([*argv, "--eval-n", "0"]))
+
+
+def test_grpo_step_times_leave_out_the_held_out_evaluation():
+    """Each step's end moves back by the held-out evaluations logged until then, so the last step (evaluated) counts
+    only its GRPO work."""
+    from bench.grpo_vs_trl import without_heldout
+
+    metrics = [{"time": 10.0}, {"time": 20.0}, {"time": 38.0, "heldout_s": 8.0}]
+    metrics = [{**m, "step": k + 1, "peak_mem_mb": 1.0} for k, m in enumerate(metrics)]
+    assert [m["time"] for m in without_heldout(metrics)] == [10.0, 20.0, 30.0]
+    assert after_first(without_heldout(metrics))["step_s"] == 10.0

@@ -157,7 +157,7 @@ def test_two_steps_with_each_defense(defense, tiny_model, pool_file, tmp_path):
             "kl",
             "accuracy",
         } <= x.keys()
-    assert "heldout_accuracy" in m[-1]
+    assert "heldout_accuracy" in m[-1] and m[-1]["heldout_s"] > 0 and "heldout_s" not in m[0]
     if defense == "kl":
         assert all(x["kl"] > 0 for x in m)
     else:
