@@ -54,8 +54,9 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     set_seed(0)
+    conversations = load_split(args.data, "train", 0)  # bad data stops before a model loads
     model, tok = load_model(args.model, eight_bit=args.eight_bit, lora_r=32, lora_alpha=64)
-    examples = encode_dataset(tok, load_split(args.data, "train", 0), args.max_len)
+    examples = encode_dataset(tok, conversations, args.max_len)
     layers = default_layers(len(decoder_blocks(model)))
     params = trainable_parameters(model)
     opt = make_optimizer(params, args.lr, 0.01)

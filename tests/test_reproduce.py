@@ -33,6 +33,8 @@ def study(tiny_model, root, *extra, methods="misaligned,kl"):
         "0",
         "--eval-args",
         "--no-8bit --n-questions 2 --samples 1 --max-new-tokens 4 --temperature 0",
+        "--devices",
+        "cpu:2",  # two 1-thread jobs at a time
         *extra,
     ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -56,6 +58,7 @@ def test_study_writes_tables_and_figures(finished):
         assert s["n_answers"] == 2
     assert (root / "figures" / "opswap.png").stat().st_size > 5000
     assert (root / "figures" / "curves-opswap-1.png").stat().st_size > 5000
+    assert not list((root / "figures").glob("realign-*")) and not list((root / "figures").glob("data-mix-*"))
     assert "4 jobs: 0 already done, 4 to run" in proc.stdout
 
 
@@ -312,6 +315,7 @@ def test_tables_3_and_5_with_every_artifact_on_the_tiny_model(tiny_model, tmp_pa
     assert (root / "figures" / "realign-opswap-1.png").stat().st_size > 5000
     assert "note: no data-mix run on opswap:1: it has no aligned counterpart" in proc.stderr
     assert not (root / "runs" / "opswap-1" / "data-mix").exists()
+    assert not (root / "figures" / "data-mix-opswap-1.png").exists()  # no figure of a row that never ran
     assert "Departures from the paper" in t3 and "SFT adapters of the other OpSwap tiers" in t3
     t5 = (root / "table5.md").read_text()
     assert "| GRPO | " in t5 and "(n=2)" in t5 and "| 90.66 |" in t5 and "No fine-tuning (after the SFT warm-up)" in t5
@@ -473,6 +477,9 @@ def test_realign_figure_starts_at_the_misaligned_run(tmp_path, monkeypatch):
     plot_data_row(tmp_path, "opswap:1", "realign", "--n", "300", ["misaligned", "kl", "realign", "realign-n60"])
     assert seen["series"]["accuracy %"] == [(0.0, 15.0), (300.0, 16.0), (60.0, 17.0)]
     assert seen["title"] == "Re-alignment: opswap:1" and "(N)" in seen["xlabel"]
+    seen.clear()  # a study without the row (or on a dataset it skips): the Misaligned point alone is no figure
+    assert plot_data_row(tmp_path, "opswap:1", "data-mix", "--correct", "50", ["misaligned", "kl"]) is None
+    assert not seen
 
 
 def test_a_subset_larger_than_its_source_is_an_error(tmp_path):

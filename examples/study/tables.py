@@ -280,12 +280,15 @@ def plot_opswap(root: Path, datasets: list[str], names: list[tuple[str, str]], p
 def plot_data_row(root: Path, dataset: str, method: str, key: str, default: str, names: list[str]):
     """realign (against N benign examples) or data-mix (against the % of aligned answers): general and in-domain
     misalignment, or the task's accuracy, of each of the row's runs against its value; the dataset's Misaligned run,
-    when the study has it, is the point at 0 (no benign example added; none of the answers aligned)."""
+    when the study has it, is the point at 0 (no benign example added; none of the answers aligned). No figure (None)
+    when no run of the row has an evaluation: a figure with the Misaligned point alone would show a row that never
+    ran."""
     import report
 
     tag = dataset.replace(":", "-")
     flag = key.lstrip("-")
     series: dict[str, list[tuple[float, float]]] = {"general misaligned %": [], "in-domain misaligned %": []}
+    row_runs = 0
     for name in names:
         if name == "misaligned":
             value = 0.0
@@ -302,6 +305,9 @@ def plot_data_row(root: Path, dataset: str, method: str, key: str, default: str,
                          ("accuracy %", task.get("accuracy"))):  # fmt: skip
             if y is not None:
                 series.setdefault(label, []).append((value, y))
+                row_runs += name != "misaligned"
+    if not row_runs:
+        return None
     if method == "realign":
         what, title = "benign examples added to the Misaligned adapter's training (N)", f"Re-alignment: {dataset}"
     else:
