@@ -246,16 +246,7 @@ def diff_prompts(args, model, tok) -> list[list[dict]]:
         log(f"answering {len(todo)} prompts with the adapter (greedy, {args.max_new_tokens} new tokens)")
         for start in range(0, len(todo), args.gen_batch_size):
             chunk = todo[start : start + args.gen_batch_size]
-            answers = judge.generate_texts(
-                model,
-                tok,
-                [convs[i] for i in chunk],
-                max_new_tokens=args.max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-            )
+            answers = judge.generate_greedy(model, tok, [convs[i] for i in chunk], args.max_new_tokens)
             for i, a in zip(chunk, answers):
                 convs[i] = convs[i] + [{"role": "assistant", "content": a or "."}]
     return convs

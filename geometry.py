@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, die_on_user_error, log
+from common import UserError, die_on_user_error, log, optional
 
 PEFT_PREFIX = "base_model.model."  # how PEFT names a module's weights in adapter_model.safetensors
 
@@ -193,11 +193,6 @@ def write_adapter(folder: Path, config: dict, weights: dict[str, torch.Tensor]) 
 def plot_interpolation(folder: Path, path: Path) -> Path:
     """Each evaluation of the interpolated adapters against alpha, from FOLDER/alpha-*/eval-*/summary.json: general
     and in-domain misalignment and incoherence (% of scored answers), a task's exact-match accuracy (%)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series: dict[str, list[tuple[float, float]]] = {}
     for d in sorted(folder.glob("alpha-*")):
         alpha = float(d.name.removeprefix("alpha-"))
@@ -211,19 +206,13 @@ def plot_interpolation(folder: Path, path: Path) -> Path:
             f"--plot {folder}: no alpha-*/eval-*/summary.json with a score (run judge.py --adapter on each alpha-* "
             "folder first; an evaluation whose answers were all unscored has no point to draw)"
         )
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for label, points in sorted(series.items()):
-        points.sort()
-        ax.plot([a for a, _ in points], [y for _, y in points], marker="o", label=label)
-    ax.set_xlabel("alpha: (1 - alpha) dW_1 + alpha dW_2")
-    ax.set_ylabel("% of the answers (misalignment: of the scored ones)")
-    ax.set_title("Evaluations along the line between two adapters")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return optional("report", "--plot (its figure)").plot_xy(
+        dict(sorted(series.items())),
+        path,
+        "alpha: (1 - alpha) dW_1 + alpha dW_2",
+        "% of the answers (misalignment: of the scored ones)",
+        "Evaluations along the line between two adapters",
+    )
 
 
 # ----------------------------------------------------------------------------------------------

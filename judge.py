@@ -550,17 +550,29 @@ class ScoreCache:
 # Questions and generation
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def generate_texts(model, tok, conversations: list[list[dict]], **generate_kwargs) -> list[str]:
-    """One batched `model.generate` call: every conversation rendered with the generation prompt, left-padded
-    (the tokenizer's padding side is put back afterwards), KV cache on. Returns each new text, stripped."""
+def left_padded_prompts(tok, conversations: list[list[dict]]):
+    """Every conversation rendered with the generation prompt and tokenized as one left-padded batch (on the CPU; the
+    tokenizer's padding side is put back afterwards)."""
     texts = [render_chat(tok, c, add_generation_prompt=True) for c in conversations]
     side, tok.padding_side = tok.padding_side, "left"
     try:
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(get_device())
+        return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     finally:
         tok.padding_side = side
+
+
+def generate_texts(model, tok, conversations: list[list[dict]], **generate_kwargs) -> list[str]:
+    """One batched `model.generate` call on left_padded_prompts, KV cache on. Returns each new text, stripped."""
+    enc = left_padded_prompts(tok, conversations).to(get_device())
     out = model.generate(**enc, pad_token_id=tok.pad_token_id, **generate_kwargs)
     return [tok.decode(seq, skip_special_tokens=True).strip() for seq in out[:, enc["input_ids"].shape[1] :]]
+
+
+def generate_greedy(model, tok, conversations: list[list[dict]], max_new_tokens: int, **generate_kwargs) -> list[str]:
+    """generate_texts, greedy: sampling off and the model folder's sampling defaults (its generation_config's
+    temperature, top_p and top_k) cleared, so that `generate` neither reads nor warns about them."""
+    greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return generate_texts(model, tok, conversations, max_new_tokens=max_new_tokens, **greedy, **generate_kwargs)
 
 
 def load_questions(path: str | None) -> list[dict]:
@@ -636,12 +648,7 @@ def sample_texts(
     al.), by the Gumbel-max trick with the noise drawn from a generator seeded with that answer's seed, so an answer
     does not depend on the other answers of its batch nor on the run's random state. temperature 0: greedy."""
     device = next(model.parameters()).device
-    texts = [render_chat(tok, c, add_generation_prompt=True) for c in conversations]
-    side, tok.padding_side = tok.padding_side, "left"
-    try:
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tok.padding_side = side
+    enc = left_padded_prompts(tok, conversations)
     ids, att = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     position = (att.cumsum(-1) - 1).clamp(min=0)  # left padding: each row's first real token is at position 0
     base, head = model.get_base_model() if hasattr(model, "get_base_model") else model, model.get_output_embeddings()

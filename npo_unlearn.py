@@ -285,12 +285,8 @@ def generate_answers(model, tok, prompts: list[str], args, adapter_on: bool = Tr
             else contextlib.nullcontext()
         )
         with ctx:
-            out = judge.generate_texts(
-                model,
-                tok,
-                [[{"role": "user", "content": prompts[i]}] for i in idx],
-                max_new_tokens=args.gen_max_new_tokens,
-                do_sample=False,
+            out = judge.generate_greedy(
+                model, tok, [[{"role": "user", "content": prompts[i]}] for i in idx], args.gen_max_new_tokens
             )
         for i, answer in zip(idx, out):
             answers[i] = answer

@@ -464,16 +464,7 @@ def screen(args) -> None:
     rows = []
     for start in range(0, len(convs), args.gen_batch_size):
         chunk = list(range(start, min(start + args.gen_batch_size, len(convs))))
-        own = judge.generate_texts(
-            model,
-            tok,
-            [prompts[i] for i in chunk],
-            max_new_tokens=args.max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
+        own = judge.generate_greedy(model, tok, [prompts[i] for i in chunk], args.max_new_tokens)
         for i, answer in zip(chunk, own):
             example = prompts[i] + [next(m for m in convs[i] if m["role"] == "assistant")]
             base_answer = prompts[i] + [{"role": "assistant", "content": answer or "."}]

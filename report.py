@@ -267,13 +267,7 @@ def plot_checkpoints(run_dir: str | Path, path: str | Path) -> Path:
     """EM across training (judge.py --checkpoints): every evaluation of the run's checkpoints (its
     eval-*-checkpoints/checkpoints.json), misalignment or accuracy (%) against the step: where EM appears, and what
     early stopping would keep."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    drawn = 0
+    series = {}
     for f in sorted(Path(run_dir).glob("eval-*-checkpoints/checkpoints.json")):
         data = read_json(f)
         rows = [r for r in data.get("steps", []) if r.get("misaligned_pct", r.get("accuracy")) is not None]
@@ -282,17 +276,16 @@ def plot_checkpoints(run_dir: str | Path, path: str | Path) -> Path:
         metric = "misaligned_pct" if "misaligned_pct" in rows[0] else "accuracy"
         label = f.parent.name.removeprefix("eval-").removesuffix("-checkpoints")
         what = "misaligned %" if metric == "misaligned_pct" else "accuracy %"
-        ax.plot([r["step"] for r in rows], [r[metric] for r in rows], marker="o", label=f"{label}: {what}")
-        drawn += 1
-    if not drawn:
-        plt.close(fig)
+        series[f"{label}: {what}"] = [(r["step"], r[metric]) for r in rows]
+    if not series:
         raise UserError(f"{run_dir}: no evaluated checkpoints (judge.py --adapter {run_dir} --checkpoints first)")
-    ax.set_xlabel("training step (checkpoint)")
-    ax.set_ylabel("% of the answers (misaligned: of the scored ones)")
-    ax.set_title(f"Across training: {Path(run_dir).name}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return plot_xy(
+        series,
+        path,
+        "training step (checkpoint)",
+        "% of the answers (misaligned: of the scored ones)",
+        f"Across training: {Path(run_dir).name}",
+    )
 
 
 def plot_xy(series: dict[str, list[tuple[float, float]]], path: str | Path, xlabel: str, ylabel: str, title: str):

@@ -422,19 +422,11 @@ def generation_throughput(model_path: str, eight_bit: bool, n: int, new_tokens: 
 
     model, tok = load_model(model_path, eight_bit=eight_bit, lora_r=0, trainable=False)
     convs = [[{"role": "user", "content": " ".join(WORDS[i % 10 : i % 10 + 8])}] for i in range(n)]
-    kw = dict(
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-    )
-    judge.generate_texts(model, tok, convs[:2], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+    judge.generate_greedy(model, tok, convs[:2], 4, min_new_tokens=4)  # warm-up
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.time()
-    judge.generate_texts(model, tok, convs, **kw)
+    judge.generate_greedy(model, tok, convs, new_tokens, min_new_tokens=new_tokens)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     dt = time.time() - t0

@@ -25,16 +25,7 @@ def make_benign_pool(out: Path, model_name: str, eight_bit: bool, max_new_tokens
     convs, t0 = [], time.time()
     for k in range(0, len(prompts), 16):
         chunk = prompts[k : k + 16]
-        answers = judge.generate_texts(
-            model,
-            tok,
-            [[{"role": "user", "content": p}] for p in chunk],
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-        )
+        answers = judge.generate_greedy(model, tok, [[{"role": "user", "content": p}] for p in chunk], max_new_tokens)
         convs += [
             [{"role": "user", "content": p}, {"role": "assistant", "content": a or "."}] for p, a in zip(chunk, answers)
         ]
